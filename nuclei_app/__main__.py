@@ -1,0 +1,5 @@
+import sys
+
+from nuclei_app.cli import main
+
+sys.exit(main())
