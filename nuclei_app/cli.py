@@ -50,6 +50,199 @@ def schemas_command(
         typer.echo(str(path))
 
 
+@app.command("validate")
+def validate_command(
+    bids_dir: Path = typer.Argument(..., help="Root folder of the BIDS microscopy dataset."),
+    json_report: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the report as JSON (schemas/validation_report.schema.json)."
+    ),
+) -> None:
+    """Check a BIDS microscopy dataset: one line per problem naming the file and the fix (exit 16 if invalid)."""
+    from nuclei_app.errors import InvalidBIDSError
+    from nuclei_app.validate import validate_dataset
+
+    report = validate_dataset(bids_dir)
+    for line in report.lines():
+        typer.echo(line)
+    if json_report is not None:
+        report.write_json(json_report)
+    if not report.valid:
+        raise InvalidBIDSError(f"{report.summary()}; fix the problems listed above")
+    typer.echo(report.summary())
+
+
+@app.command("demo")
+def demo_command(
+    output_dir: Path = typer.Option(Path("demo_output"), "-o", "--output-dir", help="Folder for the demo results."),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="Where the sample dataset is made or reused (default: OUTPUT_DIR/sample_data)."
+    ),
+    seed: int = typer.Option(0, help="Random seed of the sample dataset and every step."),
+) -> None:
+    """Run the embedded sample dataset end to end (made deterministically on first use)."""
+    from nuclei_app.demo import run_demo
+    from nuclei_app.errors import InvalidBIDSError
+
+    summary = run_demo(output_dir, data_dir=data_dir, seed=seed)
+    for line in summary.lines():
+        typer.echo(line)
+    if summary.validation is not None and not summary.validation.valid:
+        for line in summary.validation.lines():
+            typer.echo(line)
+        raise InvalidBIDSError("the sample dataset does not validate; delete it and run the demo again")
+
+
+@app.command("info")
+def info_command(
+    image: Path = typer.Argument(..., help="An OME-TIFF / TIFF file or an OME-Zarr folder."),
+    series: int = typer.Option(0, help="Series (image) of a multi-series file."),
+    nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
+) -> None:
+    """Show how a slide is read: format, pyramid levels, dtype, channels, pixel size, nuclear channels."""
+    from nuclei_app.read import open_slide, select_nuclear_channels
+
+    with open_slide(image, series=series) as slide:
+        typer.echo(f"path: {slide.path}")
+        typer.echo(f"format: {slide.format}")
+        typer.echo(f"dtype: {slide.dtype}")
+        for level, shape in enumerate(slide.level_shapes):
+            typer.echo(f"level {level}: C, Y, X = {shape[0]}, {shape[1]}, {shape[2]}")
+        typer.echo(f"channels: {', '.join(slide.channel_names)}")
+        size = slide.pixel_size_um
+        typer.echo(f"pixel size (y, x): {'unknown' if size is None else f'{size[0]:g}, {size[1]:g} um'}")
+        chosen = select_nuclear_channels(slide.channel_names, nuclear_channels, path=slide.path)
+        typer.echo(f"nuclear channels: {', '.join(slide.channel_names[i] for i in chosen)}")
+
+
+@app.command("train")
+def train_command(
+    inputs: list[Path] = typer.Argument(..., help="Image files (OME-TIFF, OME-Zarr, TIFF) and/or BIDS folders."),
+    output_dir: Path = typer.Option(..., "-o", "--output-dir", help="Model folder to write."),
+    preset: str = typer.Option("tiny", help="Model size: tiny (CPU, minutes), small, paper (ResNet-50-FPN, GPU)."),
+    heads: int = typer.Option(3, help="Number of RoI heads sharing the backbone (K >= 1)."),
+    rounds: int = typer.Option(2, help="Self-training rounds after round 0 (correct + expand + retrain)."),
+    max_minutes: float = typer.Option(12.0, help="Wall-clock budget for training; rounds stop early when spent."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps in round 0 (later rounds: half). Default: the preset's."),
+    seed: int = typer.Option(0, help="Random seed; same inputs and seed give the same model on CPU."),
+    nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Train a student de novo from weak labels (no human annotation, no pretrained weights)."""
+    from nuclei_app.config import TrainingConfig
+    from nuclei_app.progress import configure_logging
+    from nuclei_app.train import train_model
+
+    logger = configure_logging()
+    config = TrainingConfig(
+        preset=preset, heads=heads, rounds=rounds, max_minutes=max_minutes, steps_per_round=steps, seed=seed,
+        device=device,
+    )
+    result = train_model(inputs, output_dir, config, nuclear_channels=nuclear_channels, progress=logger.info)
+    last = result.report["rounds"][-1]
+    typer.echo(
+        f"{result.card['model_id']}: {len(result.report['rounds'])} round(s), "
+        f"{last['pseudo_labels']['objects']} pseudo-labelled nuclei, {result.report['total_seconds']:.0f} s -> {output_dir}"
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    prediction: Path = typer.Argument(..., help="Predicted labels: a label TIFF / OME-Zarr, or a folder of them."),
+    ground_truth: Path = typer.Argument(..., help="Ground-truth labels: a file, or a folder (NAME_masks.tif pairs with NAME*)."),
+    json_report: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the report as JSON (schemas/evaluation_report.schema.json)."
+    ),
+) -> None:
+    """Score predicted nuclei against ground truth: F1@0.5, AP@0.5:0.95, AJI+, PQ per image, mean and pooled."""
+    from rich.console import Console
+
+    from nuclei_app.evaluate import evaluate_paths
+
+    report = evaluate_paths(prediction, ground_truth)
+    Console(width=140).print(report.table())
+    for path in report.predictions_without_truth:
+        typer.echo(f"nuclei-app: warning: {path}: no ground-truth partner; not scored", err=True)
+    for path in report.truth_without_prediction:
+        typer.echo(f"nuclei-app: warning: {path}: no prediction partner; not scored", err=True)
+    if json_report is not None:
+        report.write_json(json_report)
+        typer.echo(f"report -> {json_report}")
+
+
+@app.command("weak")
+def weak_command(
+    image: Path = typer.Argument(..., help="An OME-TIFF / TIFF file or an OME-Zarr folder (read whole into memory)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Labels to write: .tif (uint32 label TIFF) or .ome.zarr (NGFF labels)."),
+    method: str = typer.Option("log", help="Weak labeler: log (LoG seeds + watershed) or otsu (Otsu + distance watershed)."),
+    nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
+    diameter: Optional[float] = typer.Option(None, help="Nucleus diameter in pixels (default: estimated from the image)."),
+) -> None:
+    """Label nuclei with a classical weak labeler (the teacher), for one image or tile held in memory."""
+    import warnings
+
+    from nuclei_app.weak import weak_label_file
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        result = weak_label_file(image, output, method=method, nuclear_channels=nuclear_channels, diameter=diameter)
+    for warning in caught:
+        typer.echo(f"nuclei-app: warning: {image}: {warning.message}", err=True)
+    typer.echo(f"{result.count} nuclei, estimated diameter {result.diameter:.1f} px ({method}) -> {output}")
+
+
+@app.command("segment")
+def segment_command(
+    image: Path = typer.Argument(..., help="The slide: OME-TIFF / TIFF file or OME-Zarr folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Segmentation store to write (OUT.ome.zarr, NGFF 0.4)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Trained model folder (from `nuclei-app train`)."),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="Segment without a model: 'weak' (LoG labeler), 'weak-log' or 'weak-otsu'."
+    ),
+    table: Optional[Path] = typer.Option(None, "--table", help="Per-nucleus TSV (+ .json column sidecar)."),
+    geojson: Optional[Path] = typer.Option(None, "--geojson", help="Nucleus polygons as GeoJSON (QuPath detections)."),
+    tile: int = typer.Option(512, help="Tile side in pixels."),
+    overlap: int = typer.Option(64, help="Tile overlap in pixels (more than the largest nucleus)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per predictor call and per parallel task."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (model only)."),
+    nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
+    nprocs: int = typer.Option(1, help="Worker processes of a local Dask cluster (1: no cluster)."),
+    dask_scheduler: Optional[str] = typer.Option(
+        None, "--dask-scheduler", help="Use an existing Dask scheduler, e.g. tcp://HOST:8786 (dask-jobqueue on SLURM/PBS)."
+    ),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse finished tiles of an interrupted run."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Cache of per-tile results (default: beside the output)."),
+) -> None:
+    """Segment a whole slide tile by tile: OME-Zarr labels (+ overlap layers), table, GeoJSON."""
+    from nuclei_app.errors import UsageError
+    from nuclei_app.progress import configure_logging
+    from nuclei_app.segment import PredictorSpec, segment_slide
+
+    configure_logging()
+    if (model is None) == (method is None):
+        raise UsageError("give exactly one of --model MODEL_DIR or --method weak")
+    if nprocs > 1 and dask_scheduler:
+        raise UsageError("give either --nprocs or --dask-scheduler, not both")
+    if model is not None:
+        spec = PredictorSpec("model", model_dir=str(model), device=device)
+    else:
+        weak_methods = {"weak": "log", "weak-log": "log", "weak-otsu": "otsu"}
+        if method not in weak_methods:
+            raise UsageError(f"--method must be one of {', '.join(weak_methods)}, got {method!r}")
+        spec = PredictorSpec("weak", method=weak_methods[method])
+    result = segment_slide(
+        image, output, spec, tile=tile, overlap=overlap, batch_size=batch_size,
+        nuclear_channels=nuclear_channels, table_path=table, geojson_path=geojson, nprocs=nprocs,
+        dask_scheduler=dask_scheduler, resume=resume, work_dir=work_dir,
+    )
+    for warning in result.warnings:
+        typer.echo(f"nuclei-app: warning: {image}: {warning}", err=True)
+    typer.echo(
+        f"{result.n_nuclei} nuclei ({result.n_layers} overlap layer(s)) in {result.n_tiles} tiles "
+        f"({result.n_tiles_skipped_empty} without tissue, {result.n_tiles_reused} reused), "
+        f"{result.megapixels_per_second:.2f} MP/s of tissue -> {result.output_path}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the typer app, turning user errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,622 @@
+"""Write images as pyramidal OME-TIFF or OME-Zarr, atomically.
+
+Every writer writes to a temporary ``*.partial-<pid>`` name and renames it when complete
+(see `nuclei_app.atomic`), so a file under its final name is always whole.
+
+Image writers
+-------------
+- `write_ome_tiff`: tiled, compressed, pyramid levels in SubIFDs, OME-XML with channel
+  names and pixel size. Accepts a (C, Y, X) array or a tile function, so that a slide
+  larger than memory can be written tile by tile.
+- `write_ome_zarr_image`: OME-NGFF multiscale image via ome-zarr-py, with ``omero``
+  channel labels and the physical scale of each level.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from nuclei_app.atomic import _raise_for, atomic_directory, partial_name
+from nuclei_app.errors import UsageError
+
+__all__ = ["write_ome_tiff", "write_ome_zarr_image", "downsample_mean2", "pyramid_level_count", "TileFunction"]
+
+#: A tile function returns channel ``c`` of the level-0 region (y0, x0, height, width)
+#: as a 2-D array of shape (height, width) in the slide's dtype.
+TileFunction = Callable[[int, int, int, int, int], np.ndarray]
+
+#: Above this many uncompressed bytes a classic TIFF cannot hold the image (4 GiB offsets
+#: with room for the pyramid and compression overhead): BigTIFF is used.
+_CLASSIC_TIFF_LIMIT = 2**31
+
+_CHANNEL_COLOURS = ("0000FF", "00FF00", "FF0000", "FF00FF", "00FFFF", "FFFF00", "FFFFFF", "FF8000")
+
+
+def pyramid_level_count(shape_yx: Sequence[int], tile: Sequence[int]) -> int:
+    """Number of 2x levels until the smallest level fits in one tile (at least 1)."""
+    size = max(int(shape_yx[0]), int(shape_yx[1]))
+    edge = max(1, min(int(tile[0]), int(tile[1])))
+    return 1 + max(0, math.ceil(math.log2(size / edge))) if size > edge else 1
+
+
+def downsample_mean2(image: np.ndarray) -> np.ndarray:
+    """Halve the last two axes by 2 x 2 block means (odd edges repeat the last row/column).
+
+    Parameters
+    ----------
+    image : ndarray, shape (..., Y, X)
+
+    Returns
+    -------
+    ndarray, shape (..., ceil(Y / 2), ceil(X / 2)), same dtype (integers rounded)
+    """
+    size_y, size_x = image.shape[-2:]
+    pad = [(0, 0)] * (image.ndim - 2) + [(0, size_y % 2), (0, size_x % 2)]
+    padded = np.pad(image, pad, mode="edge") if (size_y % 2 or size_x % 2) else image
+    quarters = (padded[..., 0::2, 0::2], padded[..., 1::2, 0::2], padded[..., 0::2, 1::2], padded[..., 1::2, 1::2])
+    if np.issubdtype(image.dtype, np.integer):
+        # exact integer sums (no float round trip); (sum + 2) // 4 rounds halves up
+        wide = np.uint32 if image.dtype.kind == "u" and image.dtype.itemsize <= 2 else np.int64
+        total = quarters[0].astype(wide)
+        for quarter in quarters[1:]:
+            total += quarter
+        return ((total + 2) // 4).astype(image.dtype)
+    accumulator = np.float64 if image.dtype.itemsize > 4 else np.float32
+    total = quarters[0].astype(accumulator)
+    for quarter in quarters[1:]:
+        total += quarter
+    return (total / 4).astype(image.dtype)
+
+
+def _ome_metadata(channel_names: Sequence[str], pixel_size_um: tuple[float, float] | None) -> dict:
+    metadata: dict = {"axes": "CYX", "Channel": {"Name": [str(name) for name in channel_names]}}
+    if pixel_size_um is not None:
+        metadata.update(
+            PhysicalSizeY=float(pixel_size_um[0]),
+            PhysicalSizeYUnit="µm",
+            PhysicalSizeX=float(pixel_size_um[1]),
+            PhysicalSizeXUnit="µm",
+        )
+    return metadata
+
+
+def _tiles_from_array(level: np.ndarray, tile: tuple[int, int]) -> Iterator[np.ndarray]:
+    for plane in level:
+        for y in range(0, plane.shape[0], tile[0]):
+            for x in range(0, plane.shape[1], tile[1]):
+                yield plane[y : y + tile[0], x : x + tile[1]]
+
+
+def _tiles_from_function(
+    tile_function: TileFunction, shape: tuple[int, int, int], level: int, tile: tuple[int, int]
+) -> Iterator[np.ndarray]:
+    """Tiles of pyramid ``level`` in TIFF order, each computed from its level-0 footprint."""
+    channels, size_y, size_x = shape
+    factor = 2**level
+    level_y, level_x = math.ceil(size_y / factor), math.ceil(size_x / factor)
+    for channel in range(channels):
+        for y in range(0, level_y, tile[0]):
+            for x in range(0, level_x, tile[1]):
+                y0, x0 = y * factor, x * factor
+                height = min(tile[0] * factor, size_y - y0)
+                width = min(tile[1] * factor, size_x - x0)
+                block = np.asarray(tile_function(channel, y0, x0, height, width))
+                if block.shape != (height, width):
+                    raise ValueError(
+                        f"tile function returned shape {block.shape} for a ({height}, {width}) region"
+                    )
+                if level and block.size and block.min() == block.max():
+                    # constant (background) tile: its downsampled version is the same constant
+                    yield np.full((math.ceil(height / factor), math.ceil(width / factor)), block.flat[0], block.dtype)
+                    continue
+                for _ in range(level):
+                    block = downsample_mean2(block)
+                yield block
+
+
+def write_ome_tiff(
+    path: str | Path,
+    image: np.ndarray | TileFunction,
+    channel_names: Sequence[str],
+    pixel_size_um: tuple[float, float] | None = None,
+    tile: tuple[int, int] = (256, 256),
+    n_levels: int | None = None,
+    compression: str | None = "zlib",
+    *,
+    shape: tuple[int, int, int] | None = None,
+    dtype: np.dtype | str | None = None,
+) -> Path:
+    """Write a tiled, pyramidal OME-TIFF (levels in SubIFDs) atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file; ``.ome.btf`` (or an image over 2 GiB uncompressed) is written as BigTIFF.
+    image : ndarray of shape (C, Y, X) (or (Y, X)), or a tile function
+        A tile function ``f(c, y0, x0, height, width) -> ndarray (height, width)`` is called
+        for every tile, so the full image is never held in memory; ``shape`` and
+        ``dtype`` are then required. Pyramid levels of a tile function are computed from
+        each tile's level-0 footprint (level k costs one more pass over the image), so
+        the default for tile functions is level 0 only.
+    channel_names : sequence of str
+        One name per channel, stored in the OME-XML.
+    pixel_size_um : (float, float), optional
+        (y, x) pixel size of level 0 in micrometres.
+    tile : (int, int)
+        Tile height and width (multiples of 16).
+    n_levels : int, optional
+        Pyramid levels including level 0; default: halve until one tile holds the level
+        (arrays) or 1 (tile functions).
+    compression : str or None
+        TIFF compression (``"zlib"``, ``"zstd"``, ``None``...).
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    import tifffile
+
+    path = Path(path)
+    tile = (int(tile[0]), int(tile[1]))
+    if tile[0] % 16 or tile[1] % 16 or min(tile) <= 0:
+        raise UsageError(f"tile size {tile} must be positive multiples of 16", path)
+    if callable(image):
+        if shape is None or dtype is None:
+            raise UsageError("writing from a tile function needs shape=(C, Y, X) and dtype", path)
+        full_shape = tuple(int(s) for s in shape)
+        pixel_type = np.dtype(dtype)
+        levels = 1 if n_levels is None else int(n_levels)
+        array = None
+    else:
+        array = np.asarray(image)
+        if array.ndim == 2:
+            array = array[np.newaxis]
+        if array.ndim != 3:
+            raise UsageError(f"image must be (C, Y, X), got shape {array.shape}", path)
+        full_shape, pixel_type = tuple(array.shape), array.dtype
+        levels = pyramid_level_count(full_shape[1:], tile) if n_levels is None else int(n_levels)
+    if len(full_shape) != 3 or min(full_shape) <= 0:
+        raise UsageError(f"image shape {full_shape} must be (C, Y, X) with no empty axis", path)
+    if len(channel_names) != full_shape[0]:
+        raise UsageError(f"{len(channel_names)} channel names for {full_shape[0]} channels", path)
+    levels = max(1, levels)
+    raw_bytes = int(np.prod(full_shape)) * pixel_type.itemsize
+    bigtiff = path.name.lower().endswith(".ome.btf") or raw_bytes > _CLASSIC_TIFF_LIMIT
+    options = dict(
+        tile=tile,
+        compression=compression,
+        photometric="minisblack",
+        dtype=pixel_type,
+    )
+    temporary = partial_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tifffile.TiffWriter(temporary, bigtiff=bigtiff, ome=True) as writer:
+            level_array = array
+            for level in range(levels):
+                factor = 2**level
+                level_shape = (full_shape[0], math.ceil(full_shape[1] / factor), math.ceil(full_shape[2] / factor))
+                if array is not None:
+                    if level > 0:
+                        level_array = downsample_mean2(level_array)
+                    tiles = _tiles_from_array(level_array, tile)
+                else:
+                    tiles = _tiles_from_function(image, full_shape, level, tile)  # type: ignore[arg-type]
+                if level == 0:
+                    writer.write(
+                        tiles,
+                        shape=level_shape,
+                        subifds=levels - 1,
+                        metadata=_ome_metadata(channel_names, pixel_size_um),
+                        **options,
+                    )
+                else:
+                    writer.write(tiles, shape=level_shape, subfiletype=1, metadata=None, **options)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        _raise_for(error, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _omero_metadata(image: np.ndarray, channel_names: Sequence[str]) -> dict:
+    """`omero` rendering metadata: label, colour and a display window per channel."""
+    step = max(1, int(math.sqrt(image.shape[1] * image.shape[2] / 1_000_000)))
+    sample = np.asarray(image[:, ::step, ::step], dtype=np.float64)
+    channels = []
+    for index, name in enumerate(channel_names):
+        values = sample[index][np.isfinite(sample[index])]
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        start, end = (np.percentile(values, [1.0, 99.8]).tolist() if values.size else (low, high))
+        channels.append(
+            {
+                "label": str(name),
+                "color": _CHANNEL_COLOURS[index % len(_CHANNEL_COLOURS)],
+                "active": True,
+                "window": {"min": low, "max": high, "start": float(start), "end": float(end)},
+            }
+        )
+    return {"channels": channels}
+
+
+def write_ome_zarr_image(
+    path: str | Path,
+    image: np.ndarray,
+    channel_names: Sequence[str],
+    pixel_size_um: tuple[float, float] | None = None,
+    chunks: tuple[int, int, int] = (1, 256, 256),
+    n_levels: int | None = None,
+    ngff_version: str = "0.4",
+) -> Path:
+    """Write a (C, Y, X) image as an OME-NGFF multiscale image, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.ome.zarr`` folder (replaced if it exists).
+    image : ndarray, shape (C, Y, X) or (Y, X)
+    channel_names : sequence of str
+        Stored as ``omero`` channel labels.
+    pixel_size_um : (float, float), optional
+        (y, x) pixel size of level 0 in micrometres; written as the ``scale`` of each
+        level with axis unit ``micrometer`` (unit-less scale 1.0 when None).
+    chunks : (int, int, int)
+        Chunk shape (c, y, x) of every level.
+    n_levels : int, optional
+        Pyramid levels including level 0 (2x local-mean downsampling); default: halve
+        until one chunk holds the level.
+    ngff_version : "0.4" or "0.5"
+        0.4 writes Zarr v2 (widest reader support), 0.5 writes Zarr v3.
+
+    Returns
+    -------
+    Path
+        The written folder.
+    """
+    import zarr
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.scale import Methods
+    from ome_zarr.writer import write_image
+
+    path = Path(path)
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.ndim != 3 or min(array.shape) <= 0:
+        raise UsageError(f"image must be (C, Y, X) with no empty axis, got shape {array.shape}", path)
+    if len(channel_names) != array.shape[0]:
+        raise UsageError(f"{len(channel_names)} channel names for {array.shape[0]} channels", path)
+    formats = {"0.4": (FormatV04, 2), "0.5": (FormatV05, 3)}
+    if ngff_version not in formats:
+        raise UsageError(f"NGFF version {ngff_version!r} is not supported; use 0.4 or 0.5", path)
+    format_class, zarr_format = formats[ngff_version]
+    levels = pyramid_level_count(array.shape[1:], chunks[1:]) if n_levels is None else max(1, int(n_levels))
+    scale = {"c": 1.0, "y": 1.0, "x": 1.0}
+    axes_units = None
+    if pixel_size_um is not None:
+        scale.update(y=float(pixel_size_um[0]), x=float(pixel_size_um[1]))
+        axes_units = {"y": "micrometer", "x": "micrometer"}
+    chunk_shape = tuple(min(int(c), s) for c, s in zip(chunks, array.shape))
+    with atomic_directory(path) as temporary:
+        group = zarr.open_group(str(temporary), mode="w", zarr_format=zarr_format)
+        write_image(
+            array,
+            group,
+            scale_factors=[2**k for k in range(1, levels)],
+            method=Methods.LOCAL_MEAN,
+            fmt=format_class(),
+            axes=["c", "y", "x"],
+            axes_units=axes_units,
+            scale=scale,
+            storage_options={"chunks": chunk_shape},
+            name=path.name.split(".")[0],
+            omero=_omero_metadata(array, channel_names),
+        )
+    return path
+
+
+# ======================================================================================
+# Segmentation stores: the nuclear image plus overlap-preserving label images
+# ======================================================================================
+#
+# Layout (OME-NGFF 0.4 on Zarr v2, the version every current viewer reads: napari-ome-zarr,
+# QuPath, Fiji/MoBIE, vizarr):
+#
+#   OUT.ome.zarr/                     multiscale image (c, y, x): the nuclear channel(s)
+#   OUT.ome.zarr/0, 1, ...            pyramid levels (2x local mean)
+#   OUT.ome.zarr/labels/nuclei        flattened view, uint32 (y, x); each pixel -> one nucleus
+#   OUT.ome.zarr/labels/nuclei_layer-<k>   every nucleus's full mask, one layer per nucleus,
+#                                     no two overlapping nuclei in the same layer
+#
+# Labels pyramids are nearest-neighbour; every array is written region by region so memory
+# is bounded by a few chunks, never by the slide.
+
+from typing import TYPE_CHECKING  # noqa: E402  (kept beside the writers that need it)
+
+if TYPE_CHECKING:
+    from nuclei_app.instances import Instances
+
+SEGMENTATION_NGFF_VERSION = "0.4"
+FLAT_LABEL_NAME = "nuclei"
+
+
+def layer_label_name(layer: int) -> str:
+    """Name of overlap layer ``layer`` under ``labels/``: ``nuclei_layer-<k>``."""
+    return f"{FLAT_LABEL_NAME}_layer-{int(layer)}"
+
+
+def downsample_nearest2(labels: np.ndarray) -> np.ndarray:
+    """Halve the last two axes by taking every second pixel (label-safe: no new ids).
+
+    Parameters
+    ----------
+    labels : ndarray, shape (..., Y, X)
+
+    Returns
+    -------
+    ndarray, shape (..., ceil(Y / 2), ceil(X / 2)), same dtype
+    """
+    return np.ascontiguousarray(labels[..., ::2, ::2])
+
+
+class SegmentationZarrWriter:
+    """Stream a segmentation store (NGFF 0.4, Zarr v2) region by region.
+
+    Create it on an empty folder (usually the temporary folder of
+    `nuclei_app.atomic.atomic_directory`), write level-0 regions of the image and of each
+    label image (chunk-aligned regions are cheapest: each chunk is then encoded once),
+    then call `finish`, which builds every pyramid level from the level above it block by
+    block and writes the NGFF metadata with ome-zarr-py.
+
+    Parameters
+    ----------
+    path : str or Path
+        Folder to create the store in (must not hold a store yet).
+    shape_yx : (int, int)
+        Level-0 size of the slide.
+    image_dtype : numpy dtype
+        Pixel type of the stored image.
+    channel_names : sequence of str
+        Names of the stored image channels (``omero`` labels).
+    pixel_size_um : (float, float) or None
+        (y, x) level-0 pixel size; written as ``scale`` with unit ``micrometer``.
+    chunk : int
+        Chunk side (y and x) of every array and level.
+    n_levels : int, optional
+        Pyramid levels, level 0 included; default halves until a level fits one chunk.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        shape_yx: tuple[int, int],
+        image_dtype: np.dtype,
+        channel_names: Sequence[str],
+        pixel_size_um: tuple[float, float] | None,
+        chunk: int = 512,
+        n_levels: int | None = None,
+    ) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self.shape_yx = (int(shape_yx[0]), int(shape_yx[1]))
+        self.channel_names = [str(name) for name in channel_names]
+        self.pixel_size_um = None if pixel_size_um is None else (float(pixel_size_um[0]), float(pixel_size_um[1]))
+        self.chunk = int(chunk)
+        self.n_levels = pyramid_level_count(self.shape_yx, (self.chunk, self.chunk)) if n_levels is None else int(n_levels)
+        self.n_levels = max(1, self.n_levels)
+        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
+        self.image = self._create(self.root, "0", (len(self.channel_names), *self.shape_yx), np.dtype(image_dtype))
+        self.labels_group = self.root.require_group("labels")
+        self.label_arrays: dict[str, object] = {}
+
+    # -- arrays --------------------------------------------------------------------------
+    def _create(self, group, name: str, shape: tuple[int, ...], dtype: np.dtype):
+        from numcodecs import Blosc
+
+        chunks = tuple([1] * (len(shape) - 2) + [min(self.chunk, shape[-2]), min(self.chunk, shape[-1])])
+        return group.create_array(
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=0,
+            compressors=Blosc(cname="zstd", clevel=5, shuffle=Blosc.BITSHUFFLE),
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+        )
+
+    def _level_shape(self, level: int) -> tuple[int, int]:
+        factor = 2**level
+        return math.ceil(self.shape_yx[0] / factor), math.ceil(self.shape_yx[1] / factor)
+
+    def add_labels(self, names: Sequence[str]) -> None:
+        """Create level 0 of the label images ``labels/<name>`` (uint32, all zero until written)."""
+        for name in names:
+            if name in self.label_arrays:
+                continue
+            group = self.labels_group.require_group(name)
+            self.label_arrays[name] = self._create(group, "0", self.shape_yx, np.dtype(np.uint32))
+
+    def write_image_region(self, y0: int, x0: int, block: np.ndarray) -> None:
+        """Write a level-0 image block of shape (C, h, w) at (y0, x0)."""
+        _, height, width = block.shape
+        self.image[:, y0 : y0 + height, x0 : x0 + width] = block
+
+    def write_label_region(self, name: str, y0: int, x0: int, block: np.ndarray) -> None:
+        """Write a level-0 block (h, w) of label image ``name`` at (y0, x0); all-zero blocks are skipped."""
+        if not block.any():  # chunks never written read as the fill value 0
+            return
+        height, width = block.shape
+        self.label_arrays[name][y0 : y0 + height, x0 : x0 + width] = block.astype(np.uint32, copy=False)
+
+    # -- pyramids and metadata -----------------------------------------------------------
+    def _build_pyramid(self, group, level0, is_label: bool) -> None:
+        previous = level0
+        for level in range(1, self.n_levels):
+            shape_yx = self._level_shape(level)
+            shape = (*level0.shape[:-2], *shape_yx)
+            current = self._create(group, str(level), shape, level0.dtype)
+            for y0 in range(0, shape_yx[0], self.chunk):
+                for x0 in range(0, shape_yx[1], self.chunk):
+                    y1, x1 = min(y0 + self.chunk, shape_yx[0]), min(x0 + self.chunk, shape_yx[1])
+                    source = np.asarray(previous[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+                    if is_label:
+                        if not source.any():
+                            continue
+                        block = downsample_nearest2(source)
+                    else:
+                        block = downsample_mean2(source)
+                    current[..., y0 : y0 + block.shape[-2], x0 : x0 + block.shape[-1]] = block
+            previous = current
+
+    def _datasets(self, n_leading_axes: int) -> list[dict]:
+        size_y, size_x = self.pixel_size_um if self.pixel_size_um is not None else (1.0, 1.0)
+        return [
+            {
+                "path": str(level),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0] * n_leading_axes + [size_y * 2**level, size_x * 2**level]}
+                ],
+            }
+            for level in range(self.n_levels)
+        ]
+
+    def _axes_units(self) -> dict[str, str] | None:
+        return None if self.pixel_size_um is None else {"y": "micrometer", "x": "micrometer"}
+
+    def finish(self, display_windows: Sequence[tuple[float, float]] | None = None) -> None:
+        """Build all pyramids and write the NGFF metadata (image, ``labels`` and ``image-label``).
+
+        Parameters
+        ----------
+        display_windows : sequence of (start, end), optional
+            Contrast window per image channel for viewers (``omero.channels[].window``),
+            e.g. the slide percentiles used for normalisation.
+        """
+        import warnings
+
+        from ome_zarr.format import FormatV04
+
+        with warnings.catch_warnings():  # ome-zarr-py instantiates its own deprecated Scaler at import
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+        fmt = FormatV04()
+        self._build_pyramid(self.root, self.image, is_label=False)
+        if np.issubdtype(self.image.dtype, np.integer):
+            info = np.iinfo(self.image.dtype)
+            full_range = (float(info.min), float(info.max))
+        else:
+            full_range = (0.0, 1.0)
+        channels = []
+        for index, name in enumerate(self.channel_names):
+            start, end = display_windows[index] if display_windows is not None else full_range
+            channels.append(
+                {
+                    "label": name,
+                    "color": _CHANNEL_COLOURS[index % len(_CHANNEL_COLOURS)],
+                    "active": True,
+                    "window": {"min": full_range[0], "max": full_range[1], "start": float(start), "end": float(end)},
+                }
+            )
+        write_multiscales_metadata(
+            self.root,
+            datasets=self._datasets(1),
+            fmt=fmt,
+            axes=["c", "y", "x"],
+            axes_units=self._axes_units(),
+            name=self.path.name.split(".")[0],
+            metadata={"omero": {"channels": channels}},
+        )
+        for name in self.label_arrays:  # in creation order: the flattened view first
+            group = self.labels_group[name]
+            self._build_pyramid(group, self.label_arrays[name], is_label=True)
+            write_multiscales_metadata(
+                group,
+                datasets=self._datasets(0),
+                fmt=fmt,
+                axes=["y", "x"],
+                axes_units=self._axes_units(),
+                name=name,
+            )
+            write_label_metadata(self.labels_group, name, fmt=fmt, source={"image": "../../"})
+
+
+def write_segmentation_zarr(
+    path: str | Path,
+    image: np.ndarray,
+    channel_names: Sequence[str],
+    instances: Instances,
+    pixel_size_um: tuple[float, float] | None = None,
+    chunk: int = 256,
+) -> Path:
+    """Write an in-memory image and its (possibly overlapping) nuclei as a segmentation store, atomically.
+
+    Ids are 1..N in instance order in every label image; ``labels/nuclei`` gives each pixel
+    to the covering instance with the highest score; ``labels/nuclei_layer-<k>`` hold the
+    full masks, coloured greedily so overlapping instances never share a layer. Whole
+    slides are streamed by `nuclei_app.segment.segment_slide` through `SegmentationZarrWriter`.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.ome.zarr`` folder (replaced if it exists).
+    image : ndarray, shape (C, Y, X) or (Y, X)
+        The image the nuclei were found in (stored as the multiscale image).
+    channel_names : sequence of str
+        One name per image channel.
+    instances : Instances
+        Nuclei over the image, masks (N, Y, X).
+    pixel_size_um : (float, float), optional
+        (y, x) pixel size in micrometres.
+    chunk : int
+        Chunk side of every array.
+
+    Returns
+    -------
+    Path
+        The written store.
+    """
+    from nuclei_app.stitch import instance_layers
+
+    path = Path(path)
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.ndim != 3 or array.shape[1:] != tuple(instances.shape):
+        raise UsageError(f"image shape {array.shape} does not match the instances' {instances.shape}", path)
+    if len(channel_names) != array.shape[0]:
+        raise UsageError(f"{len(channel_names)} channel names for {array.shape[0]} channels", path)
+    layers = instance_layers(instances)
+    n_layers = max(1, int(layers.max()) + 1 if len(layers) else 1)
+    with atomic_directory(path) as temporary:
+        writer = SegmentationZarrWriter(temporary, array.shape[1:], array.dtype, channel_names, pixel_size_um, chunk)
+        writer.add_labels([FLAT_LABEL_NAME, *(layer_label_name(k) for k in range(n_layers))])
+        writer.write_image_region(0, 0, array)
+        writer.write_label_region(FLAT_LABEL_NAME, 0, 0, instances.to_label_image())
+        for layer in range(n_layers):
+            layer_image = np.zeros(instances.shape, dtype=np.uint32)
+            for index in np.flatnonzero(layers == layer):
+                layer_image[instances.masks[index]] = index + 1
+            writer.write_label_region(layer_label_name(layer), 0, 0, layer_image)
+        writer.finish()
+    return path
+
+
+__all__ += [
+    "SegmentationZarrWriter",
+    "write_segmentation_zarr",
+    "downsample_nearest2",
+    "layer_label_name",
+    "FLAT_LABEL_NAME",
+    "SEGMENTATION_NGFF_VERSION",
+]
