@@ -39,6 +39,12 @@ class CliResult:
     stdout: str
     stderr: str
 
+    @property
+    def error_lines(self) -> list[str]:
+        """The stderr lines that report an error (progress log lines are not errors)."""
+        return [line for line in self.stderr.splitlines() if line.startswith("nuclei-app: error")
+                or line.startswith("nuclei-app: usage error") or "Traceback" in line]
+
 
 @pytest.fixture
 def run_cli(capsys):

@@ -1,0 +1,342 @@
+"""Configuration in one typed place: model presets and training settings.
+
+Every output records the configuration that produced it (`dataclasses.asdict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from nuclei_app.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Architecture and training-crop geometry of one model size.
+
+    Images are rescaled so that a typical nucleus is ``canonical_diameter`` pixels
+    wide before they reach the network (as Cellpose does with its diameter), which
+    lets a shallow network with a small receptive field see whole nuclei.
+    """
+
+    name: str
+    backbone: str  # "slim" (residual blocks sized below) or "resnet50"
+    stem_channels: int
+    stage_channels: tuple[int, ...]  # one residual stage each, stride 2 each; FPN uses the last len(anchor_sizes)
+    fpn_channels: int
+    anchor_sizes: tuple[tuple[int, ...], ...]  # per FPN level, in canonical pixels
+    aspect_ratios: tuple[float, ...]
+    box_head_width: int
+    mask_head_layers: tuple[int, ...]
+    rpn_pre_nms_train: int
+    rpn_post_nms_train: int
+    rpn_pre_nms_test: int
+    rpn_post_nms_test: int
+    rpn_batch_per_image: int
+    roi_batch_per_image: int
+    roi_positive_fraction: float  # caps positives per crop: the mask head's cost grows with them
+    detections_per_image: int
+    canonical_diameter: float
+    crop_size: int
+    batch_size: int
+    learning_rate: float
+    default_steps_per_round: int
+
+
+PRESETS: dict[str, ModelPreset] = {
+    # Designed for a 2-core CPU: two residual stages to stride 8, 32-channel FPN,
+    # RoIs pooled from the stride-4 level only (nuclei are small at canonical scale).
+    "tiny": ModelPreset(
+        name="tiny",
+        backbone="slim",
+        stem_channels=16,
+        stage_channels=(24, 32, 48),
+        fpn_channels=32,
+        anchor_sizes=((8, 14), (20, 32)),
+        aspect_ratios=(0.6, 1.0, 1.6),
+        box_head_width=128,
+        mask_head_layers=(32, 32),
+        rpn_pre_nms_train=600,
+        rpn_post_nms_train=200,
+        rpn_pre_nms_test=1000,
+        rpn_post_nms_test=500,
+        rpn_batch_per_image=128,
+        roi_batch_per_image=64,
+        roi_positive_fraction=0.25,
+        detections_per_image=400,
+        canonical_diameter=16.0,
+        crop_size=160,
+        batch_size=4,
+        learning_rate=2e-3,
+        default_steps_per_round=300,
+    ),
+    "small": ModelPreset(
+        name="small",
+        backbone="slim",
+        stem_channels=32,
+        stage_channels=(32, 64, 96),
+        fpn_channels=64,
+        anchor_sizes=((8, 14), (20, 32)),
+        aspect_ratios=(0.6, 1.0, 1.6),
+        box_head_width=256,
+        mask_head_layers=(64, 64, 64),
+        rpn_pre_nms_train=2000,
+        rpn_post_nms_train=600,
+        rpn_pre_nms_test=2000,
+        rpn_post_nms_test=800,
+        rpn_batch_per_image=256,
+        roi_batch_per_image=256,
+        roi_positive_fraction=0.25,
+        detections_per_image=600,
+        canonical_diameter=16.0,
+        crop_size=256,
+        batch_size=4,
+        learning_rate=1e-3,
+        default_steps_per_round=1500,
+    ),
+    # The paper's size: ResNet-50-FPN (random init: nothing pretrained is ever downloaded), for GPUs.
+    "paper": ModelPreset(
+        name="paper",
+        backbone="resnet50",
+        stem_channels=64,
+        stage_channels=(256, 512, 1024, 2048),
+        fpn_channels=256,
+        anchor_sizes=((16,), (32,), (64,), (128,), (256,)),
+        aspect_ratios=(0.5, 1.0, 2.0),
+        box_head_width=1024,
+        mask_head_layers=(256, 256, 256, 256),
+        rpn_pre_nms_train=2000,
+        rpn_post_nms_train=2000,
+        rpn_pre_nms_test=2000,
+        rpn_post_nms_test=1000,
+        rpn_batch_per_image=256,
+        roi_batch_per_image=512,
+        roi_positive_fraction=0.25,
+        detections_per_image=1000,
+        canonical_diameter=32.0,
+        crop_size=512,
+        batch_size=4,
+        learning_rate=2e-4,
+        default_steps_per_round=4000,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """The preset called ``name``; `UsageError` listing the choices otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that decides what `train` learns (recorded in the model card)."""
+
+    preset: str = "tiny"
+    heads: int = 3
+    rounds: int = 2
+    max_minutes: float = 12.0
+    steps_per_round: int | None = None  # None: the preset's default, shortened to fit max_minutes
+    seed: int = 0
+    device: str = "cpu"
+    weak_methods: tuple[str, ...] = ("log", "otsu")  # head k learns from weak_methods[k % len]
+    min_teacher_confidence: float = 0.35  # weaker teacher objects become "ignore", not background
+    bootstrap_ignore_fraction: float = 0.15  # per head, this share of objects is hidden (ignored) for diversity
+    correction_score: float = 0.75  # student objects at least this confident may replace the teacher's
+    correction_agreement: float = 0.6  # ... and at least this much head agreement
+    expansion_score: float = 0.8  # confident student objects where the teacher had none are added
+    removal_score: float = 0.2  # teacher objects the student scores below this become "ignore"
+    convergence_fraction: float = 0.02  # stop when fewer pseudo-labels than this share change
+    max_training_tiles: int = 64
+    training_tile_size: int = 512  # tiles sampled from large slides, in slide pixels
+    use_ignore: bool = True
+    use_eca: bool = True
+    use_correction: bool = True
+    use_expansion: bool = True
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
+        if self.heads < 1:
+            raise UsageError(f"--heads must be at least 1, got {self.heads}")
+        if self.rounds < 0:
+            raise UsageError(f"--rounds must be 0 or more, got {self.rounds}")
+        if self.max_minutes <= 0:
+            raise UsageError(f"--max-minutes must be positive, got {self.max_minutes}")
+
+    @property
+    def model_preset(self) -> ModelPreset:
+        return get_preset(self.preset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_changes(self, **changes: Any) -> "TrainingConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class QCThresholds:
+    """Parameters and pass / warn / fail thresholds of the self-diagnosis (`nuclei_app.qc`).
+
+    Every field has a documented default and may be set in a QC config file (JSON or TOML,
+    schema ``qc_config``). A slide metric is compared with its ``<metric>_warn`` and
+    ``<metric>_fail`` values: where higher is better, a value below ``_fail`` fails the
+    slide and a value below ``_warn`` warns; where lower is better (``*_share``,
+    ``seam_excess``), above. A metric that cannot be computed (e.g. scores without a
+    model or table) is not judged.
+    """
+
+    tile_size_px: int = 512  # side of the QC tile grid, level-0 pixels
+    seam_stride_px: int = 0  # segmentation tile stride for seam checks; 0: from the run record (else skipped)
+    morphology_k: float = 3.5  # robust z-score beyond which a nucleus is a morphology outlier
+    min_nuclei_for_statistics: int = 10  # fewer nuclei: no morphology reference, no outliers
+    flag_tile_score_below: float = 0.6  # tiles whose QC score is below this are flagged
+    max_flagged_tiles: int = 50  # length of the ranked flagged-tile list in the report
+    max_overlays: int = 12  # flagged tiles drawn as PNG overlays beside the report (0: none)
+    signal_autocorrelation_warn: float = 0.5
+    signal_autocorrelation_fail: float = 0.2
+    foreground_coverage_warn: float = 0.7
+    foreground_coverage_fail: float = 0.5
+    foreground_precision_warn: float = 0.6
+    foreground_precision_fail: float = 0.5
+    seed_recall_warn: float = 0.75
+    seed_recall_fail: float = 0.5
+    teacher_student_f1_warn: float = 0.45
+    teacher_student_f1_fail: float = 0.25
+    score_mean_warn: float = 0.6
+    score_mean_fail: float = 0.4
+    head_agreement_warn: float = 0.6
+    head_agreement_fail: float = 0.4
+    morphology_outlier_share_warn: float = 0.25
+    morphology_outlier_share_fail: float = 0.5
+    seam_excess_warn: float = 0.05
+    seam_excess_fail: float = 0.2
+    flagged_tile_share_warn: float = 0.25
+    flagged_tile_share_fail: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not 32 <= self.tile_size_px <= 16384:
+            raise UsageError(f"QC tile_size_px must be 32 to 16384, got {self.tile_size_px}")
+        if self.seam_stride_px < 0:
+            raise UsageError(f"QC seam_stride_px must be 0 (auto) or positive, got {self.seam_stride_px}")
+        if self.morphology_k <= 0:
+            raise UsageError(f"QC morphology_k must be positive, got {self.morphology_k}")
+        if self.min_nuclei_for_statistics < 3 or self.max_flagged_tiles < 0 or self.max_overlays < 0:
+            raise UsageError("QC min_nuclei_for_statistics must be >= 3, max_flagged_tiles and max_overlays >= 0")
+        for name, value in asdict(self).items():
+            if name.endswith(("_warn", "_fail")) or name == "flag_tile_score_below":
+                if not 0.0 <= float(value) <= 1.0:
+                    raise UsageError(f"QC threshold {name} must be between 0 and 1, got {value}")
+        for metric in ("signal_autocorrelation", "foreground_coverage", "foreground_precision", "seed_recall",
+                       "teacher_student_f1", "score_mean", "head_agreement"):
+            if getattr(self, f"{metric}_fail") > getattr(self, f"{metric}_warn"):
+                raise UsageError(f"QC {metric}_fail must not exceed {metric}_warn (higher is better)")
+        for metric in ("morphology_outlier_share", "seam_excess", "flagged_tile_share"):
+            if getattr(self, f"{metric}_fail") < getattr(self, f"{metric}_warn"):
+                raise UsageError(f"QC {metric}_fail must not be below {metric}_warn (lower is better)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_MEMORY_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+
+
+def parse_memory_size(text: str) -> int:
+    """Bytes in a memory size such as ``"8GB"``, ``"512 MiB"``, ``"16G"`` (SI or binary units).
+
+    Raises
+    ------
+    UsageError
+        Not a positive number followed by an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).
+    """
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _MEMORY_UNITS or float(match.group(1)) <= 0:
+        raise UsageError(f"--mem {text!r} is not a memory size; give e.g. 8GB, 512MB or 16GiB")
+    return int(float(match.group(1)) * _MEMORY_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one BIDS-App run (`nuclei-app run BIDS_DIR OUTPUT_DIR LEVEL`).
+
+    Field names are the keys of a ``--config`` file (schema ``run_config``) and, with
+    dashes, the command-line options; the effective value of every field is written to
+    ``OUTPUT_DIR/logs/config-<level>-<time>-<pid>.json`` (itself a valid ``--config`` file).
+    Labels are stored without their ``sub-``/``ses-``/``sample-`` prefix.
+    """
+
+    participant_label: tuple[str, ...] | None = None
+    session_label: tuple[str, ...] | None = None
+    sample_label: tuple[str, ...] | None = None
+    work_dir: str | None = None  # None: OUTPUT_DIR/.work
+    nprocs: int = 1  # worker processes of a local Dask cluster per slide (1: in-process)
+    mem: str | None = None  # total memory of the Dask workers, e.g. "8GB" (split evenly between them)
+    device: str = "auto"
+    preset: str = "tiny"
+    model: str | None = None  # an existing model folder instead of OUTPUT_DIR/models/<model-id>
+    nuclear_channels: str | None = None  # comma-separated channel names (None: automatic)
+    seed: int = 0
+    skip_bids_validation: bool = False
+    resume: bool = True
+    dask_scheduler: str | None = None  # address of an existing scheduler (dask-jobqueue, SLURM/PBS)
+    heads: int = 3
+    rounds: int = 2
+    max_minutes: float = 12.0
+    steps: int | None = None  # optimizer steps of round 0 (None: the preset's)
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+    qc_config: str | None = None  # QC thresholds file (schema qc_config)
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.nprocs < 1:
+            raise UsageError(f"--nprocs must be at least 1, got {self.nprocs}")
+        if self.nprocs > 1 and self.dask_scheduler:
+            raise UsageError("give either --nprocs or --dask-scheduler, not both")
+        if self.mem is not None:
+            parse_memory_size(self.mem)
+        if self.tile < 64 or not 0 <= self.overlap < self.tile // 2:
+            raise UsageError(f"--tile must be at least 64 and --overlap below half of it, got {self.tile}, {self.overlap}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        self.training_config()  # heads, rounds and max_minutes are checked there
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return None if self.mem is None else parse_memory_size(self.mem)
+
+    def training_config(self) -> TrainingConfig:
+        """The `TrainingConfig` of the dataset model this run trains."""
+        return TrainingConfig(
+            preset=self.preset, heads=self.heads, rounds=self.rounds, max_minutes=self.max_minutes,
+            steps_per_round=self.steps, seed=self.seed, device=self.device,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (label tuples as lists); valid against the ``run_config`` schema."""
+        values = asdict(self)
+        for key in ("participant_label", "session_label", "sample_label"):
+            if values[key] is not None:
+                values[key] = list(values[key])
+        return values
+
+    def with_changes(self, **changes: Any) -> "RunConfig":
+        return replace(self, **changes)

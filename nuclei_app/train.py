@@ -1,0 +1,835 @@
+"""Weak-to-strong self-training: weak labels -> student -> correct + expand -> retrain.
+
+Round 0 teaches the multi-head student from the weak labelers' output (each head a
+different view: another labeler or a bootstrap subset), with unconfident foreground
+marked "ignore". Each later round lets the student relabel its own training images
+(heads + flips vote), keeps the teacher where the student is unsure, replaces the
+teacher where the heads agree confidently (split merges, merge fragments, fix outlines),
+adds confident nuclei the teacher missed, and retrains. Every round's statistics go
+to ``training_report.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from nuclei_app import __version__
+from nuclei_app.config import TrainingConfig
+from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError
+from nuclei_app.model import (
+    MODEL_CARD_FILE,
+    TRAINING_REPORT_FILE,
+    WEIGHTS_FILE,
+    MultiHeadMaskRCNN,
+    _integral,
+    round_up_to_multiple,
+    build_model,
+    count_parameters,
+)
+
+log = logging.getLogger(__name__)
+MIN_NUCLEI_TO_TRAIN = 5
+
+
+@dataclass
+class TrainingImage:
+    """One training image at canonical scale, with its pseudo-labels.
+
+    image : float32 (C, H, W), normalised with whole-slide percentiles.
+    labels : uint32 (H, W), current pseudo-labels of the consensus view (0 = background).
+    confidence : float32 (n+1,), confidence of label id i at index i (index 0 unused).
+    ignore : bool (H, W), ambiguous foreground that teaches neither object nor background.
+    views : per head, (labels, confidence, ignore) as that head sees them.
+    """
+
+    name: str
+    image: np.ndarray
+    scale: float
+    source: dict
+    labels: np.ndarray = None  # type: ignore[assignment]
+    confidence: np.ndarray = None  # type: ignore[assignment]
+    ignore: np.ndarray = None  # type: ignore[assignment]
+    views: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, or of every file below a folder (OME-Zarr) in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """Resize (C, H, W) float32 by ``scale`` with antialiased bilinear interpolation."""
+    if abs(scale - 1.0) < 1e-3:
+        return image.astype(np.float32, copy=False)
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    size = [max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))]
+    return F.interpolate(tensor, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)[0].numpy()
+
+
+def normalise(raw: np.ndarray, percentiles: np.ndarray) -> np.ndarray:
+    """Map each channel of (C, H, W) so its low/high percentiles go to 0/1; float32, clipped to [0, 1.5]."""
+    low = percentiles[:, 0][:, None, None].astype(np.float32)
+    high = percentiles[:, 1][:, None, None].astype(np.float32)
+    scaled = (raw.astype(np.float32) - low) / np.maximum(high - low, 1e-6)
+    return np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.5)
+
+
+def tissue_tiles(slide, channels: Sequence[int], percentiles: np.ndarray, tile: int, rng: np.random.Generator,
+                 limit: int) -> list[tuple[int, int, int, int]]:
+    """Up to ``limit`` tiles (y0, x0, h, w) of level 0 lying mostly on tissue, drawn at random (seeded)."""
+    from skimage.filters import threshold_otsu
+
+    level = slide.n_levels - 1
+    for candidate in range(slide.n_levels):
+        if min(slide.level_shapes[candidate][1:]) < 256:
+            break
+        level = candidate
+    low = normalise(slide.read_level(level, channels), percentiles).mean(0)
+    fy, fx = slide.downsample_factor(level)
+    threshold = threshold_otsu(low) if low.max() > low.min() else np.inf
+    tissue = ndimage.binary_dilation(low > threshold, iterations=2)
+    _, height, width = slide.shape
+    candidates = []
+    for y0 in range(0, max(height - tile, 0) + 1, tile):
+        for x0 in range(0, max(width - tile, 0) + 1, tile):
+            window = tissue[int(y0 / fy) : int((y0 + tile) / fy) + 1, int(x0 / fx) : int((x0 + tile) / fx) + 1]
+            if window.size and window.mean() > 0.1:
+                candidates.append((y0, x0, min(tile, height - y0), min(tile, width - x0)))
+    if len(candidates) > limit:
+        chosen = rng.choice(len(candidates), size=limit, replace=False)
+        candidates = [candidates[i] for i in sorted(chosen)]
+    return candidates
+
+
+def load_training_images(
+    paths: Sequence[str | Path],
+    config: TrainingConfig,
+    nuclear_channels: str | Sequence[str] | None = None,
+    whole_image_limit: int = 2048 * 2048,
+) -> tuple[list[TrainingImage], list[str], list[dict]]:
+    """Read every input (image files or BIDS folders) as canonical-scale training images.
+
+    Small images are used whole; large slides contribute tiles sampled from tissue.
+    Returns the images, the nuclear channel names (identical across inputs) and provenance.
+    """
+    from nuclei_app.read import channel_percentiles, open_slide, select_nuclear_channels
+    from nuclei_app.weak import estimate_nucleus_diameter
+
+    files = expand_inputs(paths)
+    rng = np.random.default_rng(config.seed)
+    per_slide_tiles = max(1, config.max_training_tiles // max(len(files), 1))
+    images, provenance, channel_names = [], [], None
+    for path, known_pixel_size in files:
+        with open_slide(path) as slide:
+            channels = select_nuclear_channels(slide.channel_names, nuclear_channels, path=path)
+            names = [slide.channel_names[i] for i in channels]
+            if channel_names is None:
+                channel_names = names
+            elif [n.lower() for n in names] != [n.lower() for n in channel_names]:
+                raise BadDataError(
+                    f"nuclear channels {names} differ from the first input's {channel_names}; "
+                    "pass --nuclear-channels so every input offers the same stains",
+                    path,
+                )
+            pixel_size = slide.pixel_size_um or known_pixel_size
+            percentiles = channel_percentiles(slide, channels)
+            _, height, width = slide.shape
+            if height * width <= whole_image_limit:
+                regions = [(0, 0, height, width)]
+            else:
+                regions = tissue_tiles(slide, channels, percentiles, config.training_tile_size, rng, per_slide_tiles)
+            raw_regions = [normalise(slide.read_region(*region, channels=channels), percentiles) for region in regions]
+            provenance.append(
+                {
+                    "path": str(path),
+                    "sha256": file_sha256(path),
+                    "shape": list(slide.shape),
+                    "channels": names,
+                    "pixel_size_um": list(pixel_size) if pixel_size else None,
+                    "regions": [list(r) for r in regions],
+                }
+            )
+        # One scale per slide (from a few regions), so all its tiles are resized alike.
+        diameter = float(np.median([estimate_nucleus_diameter(region.mean(0), pixel_size_um=pixel_size)
+                                    for region in raw_regions[:3]]))
+        scale = config.model_preset.canonical_diameter / max(diameter, 1.0)
+        for index, region in enumerate(raw_regions):
+            images.append(
+                TrainingImage(
+                    name=f"{Path(path).name}#{index}",
+                    image=rescale_image(region, scale),
+                    scale=scale,
+                    source={"path": str(path), "region": list(regions[index]), "diameter_px": float(diameter),
+                            "pixel_size_um": list(pixel_size) if pixel_size else None},
+                )
+            )
+    return images, channel_names or [], provenance
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[tuple[Path, tuple[float, float] | None]]:
+    """Image files as given; BIDS folders expanded to their slides (with sidecar pixel sizes)."""
+    files: list[tuple[Path, tuple[float, float] | None]] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise MissingInputError("no such file or folder; check the path", path)
+        if path.is_dir() and (path / "dataset_description.json").is_file():
+            from nuclei_app.discover import discover
+
+            for record in discover(path):
+                files.append((Path(record.path), record.pixel_size_um))
+        else:
+            files.append((path, None))
+    return files
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+
+
+def weak_pseudo_labels(images: list[TrainingImage], config: TrainingConfig) -> None:
+    """Round 0: every head's view from a weak labeler, with a bootstrap share of objects hidden."""
+    from nuclei_app.weak import weak_labels
+
+    diameter = config.model_preset.canonical_diameter
+    for image_index, item in enumerate(images):
+        per_method = {}
+        for method in dict.fromkeys(config.weak_methods):
+            # The image is already normalised with whole-slide percentiles: keep that scaling.
+            identity = np.tile(np.array([0.0, 1.0], dtype=np.float32), (item.image.shape[0], 1))
+            result = weak_labels(item.image, method=method, diameter=diameter, percentiles=identity)
+            confidence = np.concatenate([[0.0], result.confidence]).astype(np.float32)
+            per_method[method] = (result.labels.astype(np.uint32), confidence, result.ignore.astype(bool))
+        item.labels, item.confidence, item.ignore = per_method[config.weak_methods[0]]
+        item.views = [
+            _bootstrap_view(*per_method[config.weak_methods[k % len(config.weak_methods)]], config,
+                            seed=(config.seed, image_index, k))
+            for k in range(config.heads)
+        ]
+
+
+def _bootstrap_view(labels, confidence, ignore, config: TrainingConfig, seed) -> tuple:
+    """A head's view: unconfident objects and a random share of the rest become "ignore"."""
+    rng = np.random.default_rng(list(seed))
+    n = len(confidence) - 1
+    hidden = np.zeros(n + 1, dtype=bool)
+    hidden[1:] = confidence[1:] < config.min_teacher_confidence
+    if config.heads > 1 and config.bootstrap_ignore_fraction > 0 and n:
+        hidden[1:] |= rng.random(n) < config.bootstrap_ignore_fraction
+    if not config.use_ignore:
+        # Ablation: hidden objects become background instead of "ignore".
+        return np.where(hidden[labels], 0, labels).astype(np.uint32), confidence, np.zeros_like(ignore)
+    view_ignore = (ignore | hidden[labels]) if config.use_ignore else np.zeros_like(ignore)
+    return np.where(hidden[labels], 0, labels).astype(np.uint32), confidence, view_ignore
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _crop_targets(labels: np.ndarray, ignore: np.ndarray) -> dict[str, torch.Tensor]:
+    """Targets for one crop: objects cut below half their size by the crop edge become "ignore"."""
+    ids, counts = np.unique(labels, return_counts=True)
+    keep_ids, masks, boxes = [], [], []
+    ignore = ignore.copy()
+    objects = ndimage.find_objects(labels)
+    for label_id, count in zip(ids, counts):
+        if label_id == 0:
+            continue
+        window = objects[label_id - 1]
+        if window is None:
+            continue
+        mask = labels[window] == label_id
+        ys, xs = np.nonzero(mask)
+        y0, x0 = window[0].start + ys.min(), window[1].start + xs.min()
+        y1, x1 = window[0].start + ys.max() + 1, window[1].start + xs.max() + 1
+        touches_edge = y0 == 0 or x0 == 0 or y1 == labels.shape[0] or x1 == labels.shape[1]
+        if count < 12 or (touches_edge and count < 40):
+            ignore |= labels == label_id
+            continue
+        full = np.zeros(labels.shape, dtype=np.uint8)
+        full[window][mask] = 1
+        masks.append(full)
+        boxes.append([x0, y0, x1, y1])
+        keep_ids.append(label_id)
+    height, width = labels.shape
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.ones(len(boxes), dtype=torch.int64),
+        "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8),
+        "ignore_integral": _integral(torch.from_numpy(ignore)),
+    }
+
+
+def sample_batch(images: list[TrainingImage], config: TrainingConfig, rng: np.random.Generator):
+    """A batch of augmented crops (B, C, S, S) and every head's targets for them."""
+    preset = config.model_preset
+    size = preset.crop_size
+    areas = np.array([item.image.shape[1] * item.image.shape[2] for item in images], dtype=np.float64)
+    picks = rng.choice(len(images), size=preset.batch_size, p=areas / areas.sum())
+    crops, head_targets = [], [[] for _ in range(config.heads)]
+    for index in picks:
+        item = images[index]
+        _, height, width = item.image.shape
+        y0 = int(rng.integers(0, max(height - size, 0) + 1))
+        x0 = int(rng.integers(0, max(width - size, 0) + 1))
+        window = (slice(y0, y0 + size), slice(x0, x0 + size))
+        flips = (bool(rng.random() < 0.5), bool(rng.random() < 0.5))
+        turns = int(rng.integers(0, 4))
+
+        def augment(array: np.ndarray) -> np.ndarray:
+            array = array[..., window[0], window[1]]
+            pad = [(0, 0)] * (array.ndim - 2) + [(0, size - array.shape[-2]), (0, size - array.shape[-1])]
+            array = np.pad(array, pad)
+            if flips[0]:
+                array = array[..., ::-1, :]
+            if flips[1]:
+                array = array[..., :, ::-1]
+            return np.ascontiguousarray(np.rot90(array, turns, axes=(-2, -1)))
+
+        crop = augment(item.image)
+        gain, gamma = rng.uniform(0.75, 1.3), rng.uniform(0.8, 1.25)
+        crop = np.clip(crop * gain, 0, 1.5) ** gamma
+        crops.append(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32)))
+        for k, (labels, _, ignore) in enumerate(item.views):
+            head_targets[k].append(_crop_targets(augment(labels), augment(ignore)))
+    return torch.stack(crops), head_targets
+
+
+# ----------------------------------------------------------------------------- prediction on training images
+
+
+@torch.no_grad()
+def predict_label_image(
+    model: MultiHeadMaskRCNN,
+    image: np.ndarray,
+    tile: int = 320,
+    overlap: int = 48,
+    flips: tuple[str, ...] = ("none", "h"),
+    score_threshold: float = 0.3,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predict a canonical-scale image (C, H, W) in overlapping tiles.
+
+    Returns a uint32 label image (H, W; higher score wins where masks overlap) and, per
+    label id (index 0 unused), the consensus score and the head agreement.
+    """
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    model.eval()
+    _, height, width = image.shape
+    labels = np.zeros((height, width), dtype=np.uint32)
+    best = np.zeros((height, width), dtype=np.float32)
+    scores, agreements = [0.0], [0.0]
+    step = tile - overlap
+    ys = list(range(0, max(height - tile, 0) + 1, step)) or [0]
+    xs = list(range(0, max(width - tile, 0) + 1, step)) or [0]
+    if ys[-1] + tile < height:
+        ys.append(height - tile)
+    if xs[-1] + tile < width:
+        xs.append(width - tile)
+    for y0 in ys:
+        for x0 in xs:
+            crop = image[:, y0 : y0 + tile, x0 : x0 + tile]
+            h, w = crop.shape[1:]
+            padded = np.zeros((image.shape[0], round_up_to_multiple(h), round_up_to_multiple(w)), dtype=np.float32)
+            padded[:, :h, :w] = crop
+            result = model.predict(torch.from_numpy(padded)[None].to(device), flips=flips,
+                                   score_threshold=score_threshold)[0]
+            if len(result.boxes) == 0:
+                continue
+            centres_y = (result.boxes[:, 1] + result.boxes[:, 3]).cpu().numpy() / 2
+            centres_x = (result.boxes[:, 0] + result.boxes[:, 2]).cpu().numpy() / 2
+            # Each object belongs to the tile whose core holds its centre: no duplicates at seams.
+            core_y0 = 0 if y0 == 0 else overlap / 2
+            core_x0 = 0 if x0 == 0 else overlap / 2
+            core_y1 = h if y0 + tile >= height else h - overlap / 2
+            core_x1 = w if x0 + tile >= width else w - overlap / 2
+            keep = (centres_y >= core_y0) & (centres_y < core_y1) & (centres_x >= core_x0) & (centres_x < core_x1)
+            if not keep.any():
+                continue
+            keep_t = torch.from_numpy(np.nonzero(keep)[0])
+            masks = paste_masks_in_image(result.mask_probs[keep_t][:, None].cpu(), result.boxes[keep_t].cpu(),
+                                         padded.shape[1:])[:, 0, :h, :w].numpy() > 0.5
+            for mask, score, agreement in zip(masks, result.scores[keep_t].tolist(),
+                                              result.head_agreement[keep_t].tolist()):
+                window_labels = labels[y0 : y0 + h, x0 : x0 + w]
+                window_best = best[y0 : y0 + h, x0 : x0 + w]
+                take = mask & (score > window_best)
+                if take.sum() < 4:
+                    continue
+                scores.append(score)
+                agreements.append(agreement)
+                window_labels[take] = len(scores) - 1
+                window_best[take] = score
+    return _relabel(labels, np.asarray(scores, np.float32), np.asarray(agreements, np.float32))
+
+
+def _relabel(labels: np.ndarray, *per_label: np.ndarray):
+    """Make ids consecutive 1..n (dropping ids that lost all pixels); reorder per-label arrays alike."""
+    present = np.unique(labels)
+    present = present[present != 0]
+    lookup = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.uint32)
+    lookup[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
+    relabelled = lookup[labels]
+    return (relabelled, *[np.concatenate([[0.0], values[present]]).astype(np.float32) for values in per_label])
+
+
+# ----------------------------------------------------------------------------- correction and expansion
+
+
+@dataclass
+class RefinementStats:
+    kept: int = 0
+    outline_fixed: int = 0
+    split: int = 0
+    merged: int = 0
+    added: int = 0
+    removed: int = 0
+    teacher_objects: int = 0
+    student_objects: int = 0
+    teacher_student_f1: float = 0.0
+    head_agreement: float | None = None
+
+    @property
+    def corrected(self) -> int:
+        return self.outline_fixed + self.split + self.merged
+
+    @property
+    def changed_fraction(self) -> float:
+        return (self.corrected + self.added + self.removed) / max(self.teacher_objects, 1)
+
+
+def refine_pseudo_labels(
+    teacher: np.ndarray,
+    teacher_confidence: np.ndarray,
+    student: np.ndarray,
+    student_score: np.ndarray,
+    student_agreement: np.ndarray,
+    config: TrainingConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, RefinementStats]:
+    """Correct the teacher where the student is confident, expand where the teacher saw nothing.
+
+    Parameters
+    ----------
+    teacher, student : uint32 (H, W) label images.
+    teacher_confidence, student_score, student_agreement : float32 (n+1,) per label id.
+
+    Returns
+    -------
+    labels : uint32 (H, W) new pseudo-labels; confidence : float32 (m+1,);
+    ignore : bool (H, W) where the student saw a possible nucleus it was unsure of, or a
+    teacher object it did not support; stats : what changed.
+    """
+    from nuclei_app.evaluate import iou_matrix
+
+    stats = RefinementStats()
+    iou, student_ids, teacher_ids = iou_matrix(student, teacher)
+    stats.teacher_objects, stats.student_objects = len(teacher_ids), len(student_ids)
+    areas_t = np.bincount(teacher.ravel(), minlength=len(teacher_confidence))
+    areas_s = np.bincount(student.ravel(), minlength=len(student_score))
+    # intersection counts from IoU and areas: |A∩B| = IoU (|A|+|B|) / (1 + IoU)
+    a_s = areas_s[student_ids][:, None].astype(np.float64)
+    a_t = areas_t[teacher_ids][None, :].astype(np.float64)
+    intersection = iou * (a_s + a_t) / (1.0 + iou) if iou.size else iou
+    confident = (student_score[student_ids] >= config.correction_score) & (
+        student_agreement[student_ids] >= config.correction_agreement
+    )
+
+    replace_teacher = np.zeros(len(teacher_ids), dtype=bool)
+    paint_student = np.zeros(len(student_ids), dtype=bool)
+    remove_teacher = np.zeros(len(teacher_ids), dtype=bool)
+    if iou.size and config.use_correction:
+        # Splits first: one teacher object holding several confident student nuclei.
+        for t in range(len(teacher_ids)):
+            parts = np.nonzero(confident & (intersection[:, t] >= 0.5 * a_s[:, 0]))[0]
+            if len(parts) >= 2:
+                replace_teacher[t] = True
+                paint_student[parts] = True
+                stats.split += 1
+        # Merges: one confident student nucleus covering several teacher fragments.
+        for s in np.nonzero(confident & ~paint_student)[0]:
+            covered = np.nonzero((intersection[s] >= 0.5 * a_t[0]) & ~replace_teacher)[0]
+            if len(covered) >= 2:
+                replace_teacher[covered] = paint_student[s] = True
+                stats.merged += 1
+        # Outlines: the same nucleus (IoU >= 0.5, one-to-one), drawn better by the student.
+        for s in np.nonzero(confident & ~paint_student)[0]:
+            t = int(iou[s].argmax())
+            if 0.5 <= iou[s, t] < 0.8 and not replace_teacher[t]:
+                replace_teacher[t] = paint_student[s] = True
+                stats.outline_fixed += 1
+    if config.use_correction and len(teacher_ids):
+        support = (iou >= 0.3) & (student_score[student_ids][:, None] >= config.removal_score) if iou.size else None
+        supported = support.any(axis=0) if support is not None else np.zeros(len(teacher_ids), bool)
+        remove_teacher = ~supported & ~replace_teacher & (teacher_confidence[teacher_ids] < 0.9)
+        stats.removed = int(remove_teacher.sum())
+    if config.use_expansion and len(student_ids):
+        overlap_t = intersection.sum(axis=1) / np.maximum(a_s[:, 0], 1) if iou.size else np.zeros(len(student_ids))
+        new = (student_score[student_ids] >= config.expansion_score) & (overlap_t < 0.2) & (
+            student_agreement[student_ids] >= config.correction_agreement
+        )
+        new &= ~paint_student
+        paint_student |= new
+        stats.added = int(new.sum())
+    stats.kept = int(len(teacher_ids) - replace_teacher.sum() - remove_teacher.sum())
+    if len(teacher_ids) or len(student_ids):
+        from nuclei_app.evaluate import score_instances
+
+        stats.teacher_student_f1 = float(score_instances(student, teacher)["f1_50"])
+
+    # Compose the new label image: surviving teacher objects, then the student's replacements/additions.
+    drop_ids = np.zeros(len(teacher_confidence), dtype=bool)
+    drop_ids[teacher_ids[replace_teacher | remove_teacher]] = True
+    labels = np.where(drop_ids[teacher], 0, teacher).astype(np.uint32)
+    confidence = list(teacher_confidence)
+    next_id = len(teacher_confidence)
+    labels_out = labels.copy()
+    for s in np.nonzero(paint_student)[0]:
+        mask = student == student_ids[s]
+        free = mask & ((labels_out == 0) | drop_ids[teacher])
+        labels_out[free] = next_id
+        confidence.append(float(student_score[student_ids[s]]))
+        next_id += 1
+    ignore = np.zeros(teacher.shape, dtype=bool)
+    removed_ids = np.zeros(len(teacher_confidence), dtype=bool)
+    removed_ids[teacher_ids[remove_teacher]] = True
+    ignore |= removed_ids[teacher]
+    unsure = np.zeros(len(student_score), dtype=bool)
+    unsure[student_ids[~paint_student]] = True
+    ignore |= unsure[student] & (labels_out == 0)
+    relabelled, new_confidence = _relabel(labels_out, np.asarray(confidence, np.float32))
+    return relabelled, new_confidence, ignore, stats
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainingResult:
+    model_dir: Path
+    model: MultiHeadMaskRCNN
+    card: dict
+    report: dict
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from nuclei_app.errors import UsageError
+
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    # Tiny optimizer-state values turn denormal on CPU and make AdamW several times slower.
+    torch.set_flush_denormal(True)
+
+
+def _learning_rate(step: int, total: int, base: float) -> float:
+    warmup = min(50, max(total // 10, 1))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _train_steps(model, images, config, steps, rng, device, deadline, on_step) -> tuple[list[float], int, bool]:
+    preset = config.model_preset
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.learning_rate, weight_decay=1e-4)
+    losses, done, timed_out = [], 0, False
+    model.train()
+    for step in range(steps):
+        if time.monotonic() > deadline:
+            timed_out = True
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, preset.learning_rate)
+        batch, targets = sample_batch(images, config, rng)
+        batch = batch.to(device)
+        targets = [[{k: v.to(device) for k, v in t.items()} for t in head] for head in targets]
+        loss_terms = model.training_losses(batch, targets)
+        loss = sum(loss_terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        done += 1
+        on_step(step, steps, losses[-1])
+    return losses, done, timed_out
+
+
+def _foreground_coverage(item: TrainingImage) -> float:
+    from skimage.filters import threshold_otsu
+
+    composite = item.image.mean(0)
+    if composite.max() <= composite.min():
+        return 0.0
+    foreground = composite > threshold_otsu(composite)
+    return float((item.labels[foreground] > 0).mean()) if foreground.any() else 0.0
+
+
+def train_model(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    config: TrainingConfig = TrainingConfig(),
+    nuclear_channels: str | Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    evaluation: Callable[[MultiHeadMaskRCNN, int, list[TrainingImage]], dict] | None = None,
+) -> TrainingResult:
+    """Train a student de novo from weak labels alone and write it to ``output_dir``.
+
+    Parameters
+    ----------
+    inputs : image files (OME-TIFF, OME-Zarr, TIFF) and/or BIDS folders.
+    output_dir : model folder; receives ``weights.pt``, ``model_card.json``, ``training_report.json``.
+    config : the `TrainingConfig` (preset, heads, rounds, time budget, seed...).
+    nuclear_channels : channel names to use (default: every recognised nuclear stain).
+    progress : called with one line per notable event (for the CLI's log/progress bar).
+    evaluation : optional hook (model, round, training images) -> metrics, used by benchmarks
+        with ground truth; its result is stored in that round's report entry.
+    """
+    from nuclei_app.atomic import atomic_directory, atomic_write_json
+    from nuclei_app.schemas import validate_instance
+
+    say = progress or (lambda line: log.info(line))
+    started = time.time()
+    output_dir = Path(output_dir)
+    _check_writable_output(output_dir)
+    device = resolve_device(config.device)
+    _seed_everything(config.seed)
+    rng = np.random.default_rng(config.seed)
+    preset = config.model_preset
+
+    images, channel_names, provenance = load_training_images(inputs, config, nuclear_channels)
+    say(f"training on {len(images)} image(s) from {len(provenance)} input(s); channels {channel_names}")
+    weak_pseudo_labels(images, config)
+    n_teacher = sum(int(item.labels.max()) for item in images)
+    if n_teacher < MIN_NUCLEI_TO_TRAIN:
+        raise BadDataError(
+            f"the weak labeler found {n_teacher} nuclei in the training images; nothing to learn from "
+            "(empty or flat images?). Check the nuclear channels (--nuclear-channels) and the input",
+            str(inputs[0]) if inputs else None,
+        )
+    say(f"round 0 pseudo-labels: {n_teacher} nuclei from weak labelers {list(config.weak_methods)}")
+
+    model = build_model(len(channel_names), preset, heads=config.heads, use_eca=config.use_eca).to(device)
+    deadline = time.monotonic() + config.max_minutes * 60
+    default_steps = config.steps_per_round or preset.default_steps_per_round
+    rounds_report = []
+    timed_out = False
+    for round_index in range(config.rounds + 1):
+        round_started = time.time()
+        stats = RefinementStats()
+        if round_index > 0:
+            stats = _self_label(model, images, config, device)
+            say(
+                f"round {round_index}: corrected {stats.corrected} (split {stats.split}, merged {stats.merged}, "
+                f"outlines {stats.outline_fixed}), added {stats.added}, removed {stats.removed}"
+            )
+        steps = default_steps if round_index == 0 else max(default_steps // 2, 1)
+        # Later rounds fine-tune; the round's remaining share of the time budget caps it.
+        round_deadline = min(deadline, time.monotonic() + _round_share(round_index, config) * config.max_minutes * 60)
+
+        def on_step(step: int, total: int, loss: float, _round=round_index) -> None:
+            if step % 50 == 0 or step == total - 1:
+                say(f"round {_round} step {step + 1}/{total} loss {loss:.3f}")
+
+        losses, done, round_timed_out = _train_steps(model, images, config, steps, rng, device, round_deadline,
+                                                     on_step)
+        timed_out |= round_timed_out
+        entry = {
+            "round": round_index,
+            "steps": done,
+            "steps_planned": steps,
+            "seconds": round(time.time() - round_started, 2),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": float(np.mean(losses[-20:])) if losses else None,
+            "pseudo_labels": {
+                "objects": int(sum(int(item.labels.max()) for item in images)),
+                "kept": stats.kept if round_index else int(sum(int(item.labels.max()) for item in images)),
+                "corrected": stats.corrected,
+                "split": stats.split,
+                "merged": stats.merged,
+                "outline_fixed": stats.outline_fixed,
+                "added": stats.added,
+                "removed": stats.removed,
+                "changed_fraction": round(stats.changed_fraction, 4),
+                "foreground_coverage": round(float(np.mean([_foreground_coverage(i) for i in images])), 4),
+            },
+            "teacher_student_f1": round(stats.teacher_student_f1, 4) if round_index else None,
+            "head_agreement": None if stats.head_agreement is None else round(stats.head_agreement, 4),
+            "timed_out": round_timed_out,
+        }
+        if evaluation is not None:
+            entry["evaluation"] = evaluation(model, round_index, images)
+        rounds_report.append(entry)
+        if round_index > 0 and stats.changed_fraction < config.convergence_fraction:
+            say(f"pseudo-labels changed by {stats.changed_fraction:.1%} < {config.convergence_fraction:.1%}: converged")
+            break
+        if time.monotonic() > deadline:
+            say("time budget spent; stopping after this round")
+            break
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights_hash = hashlib.sha256()
+    for key in sorted(state):
+        weights_hash.update(key.encode())
+        weights_hash.update(state[key].numpy().tobytes())
+    model_id = f"nuclei-{preset.name}-{weights_hash.hexdigest()[:12]}"
+    diameters = [item.source["diameter_px"] for item in images]
+    physical = [
+        item.source["diameter_px"] * float(np.mean(item.source["pixel_size_um"]))
+        for item in images
+        if item.source["pixel_size_um"]
+    ]
+    card = {
+        "model_id": model_id,
+        "tool": "nuclei-app",
+        "version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "architecture": {
+            "name": "multi-head Mask R-CNN with efficient channel attention",
+            "preset": preset.name,
+            "preset_parameters": _jsonable(preset.__dict__),
+            "heads": config.heads,
+            "eca": config.use_eca,
+            "in_channels": len(channel_names),
+            "parameters": count_parameters(model),
+            "pretrained_weights": None,
+        },
+        "channels": channel_names,
+        "normalisation": {
+            "method": "per-channel whole-slide percentiles mapped to [0, 1]",
+            "low_percentile": 1.0,
+            "high_percentile": 99.8,
+        },
+        "scale": {
+            "canonical_diameter_px": preset.canonical_diameter,
+            "training_diameter_px": float(np.median(diameters)),
+            "training_diameter_um": float(np.median(physical)) if physical else None,
+        },
+        "training": {
+            "config": config.to_dict(),
+            "device": device,
+            "seed": config.seed,
+            "seconds": round(time.time() - started, 2),
+            "timed_out": timed_out,
+            "data": provenance,
+            "human_labels_used": False,
+        },
+        "weights": {"file": WEIGHTS_FILE, "sha256": weights_hash.hexdigest()},
+        "software": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": __import__("torchvision").__version__,
+            "numpy": np.__version__,
+        },
+    }
+    report = {
+        "model_id": model_id,
+        "rounds": rounds_report,
+        "total_seconds": round(time.time() - started, 2),
+        "timed_out": timed_out,
+        "converged": len(rounds_report) < config.rounds + 1 and not timed_out,
+    }
+    validate_instance(card, "model_card")
+    validate_instance(report, "training_report")
+    with atomic_directory(output_dir) as staging:
+        torch.save(state, staging / WEIGHTS_FILE)
+        atomic_write_json(staging / MODEL_CARD_FILE, card)
+        atomic_write_json(staging / TRAINING_REPORT_FILE, report)
+    say(f"model {model_id} written to {output_dir}")
+    return TrainingResult(output_dir, model, card, report)
+
+
+def _check_writable_output(output_dir: Path) -> None:
+    """Fail before training, not after minutes of it, when the model folder cannot be written."""
+    import os
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CannotCreateOutputError("exists and is not a folder; choose a model folder path", output_dir)
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CannotCreateOutputError(f"cannot create the parent folder ({error.strerror}); choose a writable path",
+                                      output_dir) from None
+    if not os.access(output_dir.parent, os.W_OK):
+        raise CannotCreateOutputError("the parent folder is not writable; choose a writable path", output_dir)
+
+
+def _round_share(round_index: int, config: TrainingConfig) -> float:
+    """Share of the time budget a round may use: half for round 0, the rest split evenly."""
+    if config.rounds == 0:
+        return 1.0
+    return 0.5 if round_index == 0 else 0.5 / config.rounds
+
+
+def _self_label(model, images: list[TrainingImage], config: TrainingConfig, device: str) -> RefinementStats:
+    """Predict every training image with heads + flips and refine its pseudo-labels in place."""
+    total = RefinementStats()
+    agreements = []
+    for image_index, item in enumerate(images):
+        student, score, agreement = predict_label_image(model, item.image, device=device)
+        agreements.extend(agreement[1:].tolist())
+        labels, confidence, extra_ignore, stats = refine_pseudo_labels(
+            item.labels, item.confidence, student, score, agreement, config
+        )
+        item.labels, item.confidence = labels, confidence
+        item.ignore = (item.ignore & (labels == 0)) | extra_ignore
+        item.views = [
+            _bootstrap_view(labels, confidence, item.ignore, config, seed=(config.seed, image_index, k, 7))
+            for k in range(config.heads)
+        ]
+        for name in ("kept", "outline_fixed", "split", "merged", "added", "removed", "teacher_objects",
+                     "student_objects"):
+            setattr(total, name, getattr(total, name) + getattr(stats, name))
+        total.teacher_student_f1 += stats.teacher_student_f1 / len(images)
+    total.head_agreement = float(np.mean(agreements)) if agreements else None
+    return total
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: (list(map(list, v)) if k == "anchor_sizes" else list(v) if isinstance(v, tuple) else v)
+            for k, v in values.items()}
+
+
+def predict_native_labels(model: MultiHeadMaskRCNN, image: np.ndarray, scale: float, device: str = "cpu",
+                          flips: tuple[str, ...] = ("none", "h")) -> np.ndarray:
+    """Label a normalised image (C, H, W) at its own resolution: resize by ``scale``, predict, resize back.
+
+    Returns uint32 (H, W). For scoring whole images against ground truth (benchmarks, tests);
+    slides go through `nuclei_app.segment`, which tiles, stitches and streams.
+    """
+    labels, _, _ = predict_label_image(model, rescale_image(image, scale), flips=flips, device=device)
+    rows = np.minimum((np.arange(image.shape[1]) * scale).astype(int), labels.shape[0] - 1)
+    cols = np.minimum((np.arange(image.shape[2]) * scale).astype(int), labels.shape[1] - 1)
+    return labels[np.ix_(rows, cols)]

@@ -1,0 +1,182 @@
+"""Weak-to-strong training through the CLI and the library, on real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from nuclei_app.config import TrainingConfig
+from nuclei_app.errors import ExitCode
+from nuclei_app.model import MODEL_CARD_FILE, TRAINING_REPORT_FILE, WEIGHTS_FILE, load_model, load_predictor
+from nuclei_app.schemas import schema_errors
+from nuclei_app.train import refine_pseudo_labels
+
+FAST = ["--steps", "12", "--rounds", "1", "--heads", "2", "--max-minutes", "5"]
+
+
+@pytest.fixture(scope="module")
+def crop_image(tmp_path_factory, nuclei_gt_dir) -> Path:
+    """A 256x256 crop of a real DSB2018 image (dense small nuclei), as a plain TIFF."""
+    image = tifffile.imread(nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_a102535b0e88_img.tif")
+    path = tmp_path_factory.mktemp("train") / "crop.tif"
+    tifffile.imwrite(path, image[100:356, 300:556])
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(crop_image, tmp_path_factory):
+    """One short training run through the CLI, shared by the tests that only read its outputs."""
+    from nuclei_app.cli import main
+
+    model_dir = tmp_path_factory.mktemp("models") / "m1"
+    code = main(["train", str(crop_image), "-o", str(model_dir), "--seed", "3", "--device", "cpu", *FAST])
+    assert code == 0
+    return model_dir
+
+
+def test_train_writes_weights_card_and_report_that_match_their_schemas(trained, crop_image):
+    card = json.loads((trained / MODEL_CARD_FILE).read_text())
+    report = json.loads((trained / TRAINING_REPORT_FILE).read_text())
+    assert schema_errors(card, "model_card") == []
+    assert schema_errors(report, "training_report") == []
+    assert card["architecture"]["pretrained_weights"] is None
+    assert card["training"]["human_labels_used"] is False
+    assert card["architecture"]["heads"] == 2
+    assert card["training"]["data"][0]["path"] == str(crop_image)
+    assert len(card["training"]["data"][0]["sha256"]) == 64
+    # round 0 plus one self-training round, each with its pseudo-label statistics
+    assert [entry["round"] for entry in report["rounds"]][0] == 0
+    assert report["rounds"][0]["pseudo_labels"]["objects"] > 20
+    state = torch.load(trained / WEIGHTS_FILE, weights_only=True)
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+
+
+def test_same_inputs_and_seed_give_identical_weights_and_labels(trained, crop_image, tmp_path, run_cli):
+    again = tmp_path / "m2"
+    assert run_cli("train", crop_image, "-o", again, "--seed", "3", "--device", "cpu", *FAST).exit_code == 0
+    first = json.loads((trained / MODEL_CARD_FILE).read_text())["weights"]["sha256"]
+    second = json.loads((again / MODEL_CARD_FILE).read_text())["weights"]["sha256"]
+    assert first == second
+    tile = tifffile.imread(crop_image).astype(np.float32)[None] / 255.0
+    one = load_predictor(trained).predict_batch([tile])[0]
+    two = load_predictor(again).predict_batch([tile])[0]
+    assert np.array_equal(one.to_label_image(), two.to_label_image())
+
+
+def test_loaded_model_predicts_nuclei_with_scores_and_head_agreement(trained, crop_image):
+    model, card = load_model(trained)
+    assert card["channels"] == ["channel_0"]
+    assert not model.training
+    predictor = load_predictor(trained)
+    tile = tifffile.imread(crop_image).astype(np.float32)[None] / 255.0
+    instances = predictor.predict_batch([tile])[0]
+    assert instances.shape == tile.shape[1:]
+    assert ((instances.head_agreement >= 0) & (instances.head_agreement <= 1)).all()
+
+
+def test_flat_image_stops_training_with_bad_data_error(tmp_path, run_cli):
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(flat, np.full((128, 128), 7, dtype=np.uint8))
+    result = run_cli("train", flat, "-o", tmp_path / "model", *FAST)
+    assert result.exit_code == ExitCode.BAD_DATA
+    assert len(result.error_lines) == 1 and "nothing to learn" in result.error_lines[0]
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "options, code",
+    [
+        (["--preset", "huge"], ExitCode.USAGE),
+        (["--heads", "0"], ExitCode.USAGE),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--heads", "-1"], ExitCode.USAGE),
+    ],
+)
+def test_bad_training_options_are_one_line_usage_errors(crop_image, tmp_path, run_cli, options, code):
+    result = run_cli("train", crop_image, "-o", tmp_path / "model", *options)
+    assert result.exit_code == code
+    assert len(result.error_lines) == 1
+
+
+def test_unwritable_model_dir_is_cannot_create_output(crop_image, tmp_path, run_cli):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    result = run_cli("train", crop_image, "-o", blocker / "model", *FAST)
+    assert result.exit_code == ExitCode.CANNOT_CREATE_OUTPUT
+
+
+def test_missing_input_is_exit_66(tmp_path, run_cli):
+    result = run_cli("train", tmp_path / "nope.tif", "-o", tmp_path / "model")
+    assert result.exit_code == ExitCode.MISSING_INPUT
+
+
+# ----------------------------------------------------------------------------- correction and expansion
+
+
+def _disk(shape, centre, radius):
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def _labels(shape, disks):
+    labels = np.zeros(shape, dtype=np.uint32)
+    for index, (centre, radius) in enumerate(disks, start=1):
+        labels[_disk(shape, centre, radius) & (labels == 0)] = index
+    return labels
+
+
+def _confident(n, value=0.95):
+    return np.concatenate([[0.0], np.full(n, value)]).astype(np.float32)
+
+
+def test_refinement_splits_a_teacher_merge_into_confident_student_nuclei():
+    shape = (64, 64)
+    student = _labels(shape, [((32, 22), 8), ((32, 40), 8)])
+    teacher = (student > 0).astype(np.uint32)  # one object covering both nuclei
+    labels, confidence, _, stats = refine_pseudo_labels(
+        teacher, _confident(1, 0.5), student, _confident(2), _confident(2, 0.9), TrainingConfig()
+    )
+    assert stats.split == 1
+    assert labels.max() == 2 and len(confidence) == 3
+
+
+def test_refinement_merges_teacher_fragments_covered_by_one_student_nucleus():
+    shape = (64, 64)
+    student = _labels(shape, [((32, 32), 12)])
+    teacher = student.copy()
+    teacher[:, 32:][teacher[:, 32:] == 1] = 2  # the teacher cut the nucleus in two
+    labels, _, _, stats = refine_pseudo_labels(
+        teacher, _confident(2, 0.5), student, _confident(1), _confident(1, 0.9), TrainingConfig()
+    )
+    assert stats.merged == 1
+    assert labels.max() == 1
+
+
+def test_refinement_adds_confident_nuclei_the_teacher_missed_and_keeps_the_rest():
+    shape = (64, 96)
+    teacher = _labels(shape, [((30, 20), 8)])
+    student = _labels(shape, [((30, 20), 8), ((30, 60), 8)])
+    labels, _, ignore, stats = refine_pseudo_labels(
+        teacher, _confident(1, 0.6), student, _confident(2), _confident(2, 0.9), TrainingConfig()
+    )
+    assert stats.added == 1 and stats.kept == 1
+    assert labels.max() == 2
+    off = refine_pseudo_labels(teacher, _confident(1, 0.6), student, _confident(2), _confident(2, 0.9),
+                               TrainingConfig(use_expansion=False))
+    assert off[3].added == 0 and off[0].max() == 1
+
+
+def test_refinement_turns_unsupported_teacher_objects_into_ignore():
+    shape = (64, 96)
+    teacher = _labels(shape, [((30, 20), 8), ((30, 60), 8)])
+    student = _labels(shape, [((30, 20), 8)])
+    labels, _, ignore, stats = refine_pseudo_labels(
+        teacher, _confident(2, 0.5), student, _confident(1), _confident(1, 0.9), TrainingConfig()
+    )
+    assert stats.removed == 1
+    assert labels.max() == 1
+    assert ignore[30, 60] and not ignore[30, 20]
