@@ -1,0 +1,474 @@
+"""Group level of the self-diagnosis: every slide's QC in one table, one JSON and one web page.
+
+`write_group_report` collects the per-slide reports (``*_desc-nuclei_qc.json``), and writes
+into the output folder:
+
+- ``group_qc.tsv``: one row per slide, first column the BIDS name (the report's file name
+  without ``_desc-nuclei_qc.json``), then status, reasons, outlier flags and the metrics;
+- ``group_qc.json``: the same plus robust z-scores and the outlier rule (schema ``group_qc``);
+- ``report.html``: a self-contained page (no external resource: styles, script and images
+  are inline, PNG overlays as ``data:`` URIs) with the per-slide metrics, outlier slides
+  highlighted, and the overlays of every slide's flagged tiles.
+
+Outlier slides: for each group metric, the robust z-score across slides
+``z = (x - median) / spread`` with ``spread = 1.4826 MAD`` (or ``1.2533`` times the mean
+absolute deviation when the MAD is 0); a slide is an outlier when some metric lies beyond
+``OUTLIER_Z`` in its worse direction (either direction for descriptive metrics), with at
+least ``MIN_SLIDES_FOR_OUTLIERS`` slides.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from nuclei_app import __version__
+from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError, NothingSelectedError
+from nuclei_app.qc import QC_SUFFIX, InvalidQCReportError
+
+GROUP_TSV = "group_qc.tsv"
+GROUP_JSON = "group_qc.json"
+REPORT_HTML = "report.html"
+OUTLIER_Z = 3.5
+MIN_SLIDES_FOR_OUTLIERS = 3
+MISSING = "n/a"
+#: Slide metrics compared across slides (all documented in the qc_report schema).
+GROUP_METRICS: tuple[str, ...] = (
+    "n_nuclei",
+    "density_per_mm2",
+    "foreground_coverage",
+    "foreground_precision",
+    "seed_recall",
+    "teacher_student_f1",
+    "score_mean",
+    "head_agreement_mean",
+    "morphology_outlier_share",
+    "overlap_share",
+    "seam_excess",
+    "signal_autocorrelation",
+    "median_area_px",
+    "qc_score_mean",
+    "flagged_tile_share",
+)
+
+
+@dataclass
+class GroupReport:
+    """Paths written by `write_group_report` and the group summary.
+
+    Attributes
+    ----------
+    tsv, json, html : Path
+        ``group_qc.tsv``, ``group_qc.json``, ``report.html``.
+    summary : dict
+        The content of ``group_qc.json``.
+    """
+
+    tsv: Path
+    json: Path
+    html: Path
+    summary: dict[str, Any]
+
+    def paths(self) -> list[Path]:
+        return [self.tsv, self.json, self.html]
+
+
+# ------------------------------------------------------------------------- statistics
+
+
+def robust_z_scores(values: Sequence[float | None]) -> list[float | None]:
+    """Robust z-score of each value among the finite ones (None stays None).
+
+    ``z = (x - median) / spread`` with ``spread = 1.4826 MAD``; when the MAD is 0 the spread is
+    ``1.2533 * mean absolute deviation`` (Iglewicz and Hoaglin); when that is 0 too, every
+    value equals the median and z is 0.
+    """
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if finite.size == 0:
+        return [None for _ in values]
+    median = float(np.median(finite))
+    deviations = np.abs(finite - median)
+    spread = 1.4826 * float(np.median(deviations))
+    if spread == 0:
+        spread = 1.2533 * float(np.mean(deviations))
+    result: list[float | None] = []
+    for value in values:
+        if value is None or not math.isfinite(value):
+            result.append(None)
+        elif spread == 0:
+            result.append(0.0)
+        else:
+            result.append((float(value) - median) / spread)
+    return result
+
+
+def metric_directions() -> dict[str, str]:
+    """``x-better`` (higher | lower | none) of every slide metric, from the qc_report schema."""
+    from nuclei_app.schemas import load_schema
+
+    properties = load_schema("qc_report")["properties"]["slide"]["properties"]
+    return {name: spec.get("x-better", "none") for name, spec in properties.items()}
+
+
+def metric_descriptions() -> dict[str, str]:
+    """Description (definition, unit, range, better direction) of every slide metric."""
+    from nuclei_app.schemas import load_schema
+
+    properties = load_schema("qc_report")["properties"]["slide"]["properties"]
+    return {name: spec.get("description", "") for name, spec in properties.items()}
+
+
+def _is_outlier(z: float | None, better: str) -> bool:
+    if z is None:
+        return False
+    if better == "higher":
+        return z < -OUTLIER_Z
+    if better == "lower":
+        return z > OUTLIER_Z
+    return abs(z) > OUTLIER_Z
+
+
+# ------------------------------------------------------------------------- inputs
+
+
+def collect_qc_reports(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """QC report paths: every ``*_desc-nuclei_qc.json`` below a folder (sorted), or the given list.
+
+    Raises
+    ------
+    MissingInputError
+        A folder or listed file does not exist.
+    NothingSelectedError
+        No report was found.
+    """
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise MissingInputError("not a folder; give the output folder of `run ... participant`", folder)
+        paths = sorted(p for p in folder.rglob(f"*{QC_SUFFIX}") if p.is_file() and ".partial-" not in p.name)
+        if not paths:
+            raise NothingSelectedError(
+                f"no per-slide QC report (*{QC_SUFFIX}) below this folder; run the participant level first", folder
+            )
+        return paths
+    paths = [Path(p) for p in source]
+    if not paths:
+        raise NothingSelectedError("no QC report given; give at least one *_desc-nuclei_qc.json")
+    for path in paths:
+        if not path.is_file():
+            raise MissingInputError("QC report not found; give an existing *_desc-nuclei_qc.json", path)
+    return paths
+
+
+def read_qc_report(path: str | Path) -> dict[str, Any]:
+    """Load one per-slide QC report and check it against the ``qc_report`` schema.
+
+    Raises
+    ------
+    BadDataError
+        Unreadable JSON or a report that breaks the schema.
+    """
+    from nuclei_app.schemas import validate_instance
+
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise BadDataError(f"cannot read the QC report ({error}); rerun `nuclei-app qc` for this slide", path) from None
+    validate_instance(report, "qc_report", path)
+    return report
+
+
+def bids_name(report_path: str | Path) -> str:
+    """The slide's BIDS name: the report's file name without ``_desc-nuclei_qc.json`` (or ``.json``)."""
+    name = Path(report_path).name
+    if name.endswith(QC_SUFFIX):
+        return name[: -len(QC_SUFFIX)]
+    return name[:-5] if name.lower().endswith(".json") else name
+
+
+# ------------------------------------------------------------------------- outputs
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value).replace("\t", " ").replace("\n", " ")
+
+
+TSV_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("bids_name", "Source entities of the slide (the QC report's name without _desc-nuclei_qc.json)"),
+    ("qc_report", "Path of the per-slide QC report, relative to the group output folder"),
+    ("status", "pass | warn | fail of the slide (qc_report status)"),
+    ("reasons", "Comma-separated reason codes of the status (n/a when it passed)"),
+    ("outlier", "true when some metric is a robust outlier across slides (|z| > 3.5 in its worse direction)"),
+    ("outlier_metrics", "Comma-separated metrics that make the slide an outlier (n/a when none)"),
+)
+
+
+def _overlay_data_uri(report_path: Path, relative: str | None) -> str | None:
+    if not relative:
+        return None
+    path = (report_path.parent / relative).resolve()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5rem;color:#1b1b1b;background:#fff}
+h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem}h3{font-size:1rem}
+table{border-collapse:collapse;font-size:.85rem}th,td{border:1px solid #ccc;padding:.25rem .45rem;text-align:right}
+th{background:#f0f0f0;position:sticky;top:0}td.name,th.name{text-align:left}
+.status-pass{background:#d8f0d8}.status-warn{background:#fff0c0}.status-fail{background:#f8d0d0}
+td.outlier{background:#f4b6b6;font-weight:bold}tr.outlier td:first-child{border-left:4px solid #c00}
+td:first-child{white-space:nowrap}
+.tiles{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0;max-width:280px}
+figure img{width:256px;height:auto;image-rendering:pixelated;border:1px solid #999;display:block}
+figcaption{font-size:.8rem}dl{font-size:.85rem}dt{font-weight:bold;margin-top:.4rem}.note{color:#555;font-size:.85rem}
+"""
+
+# Sets data-images-total / data-images-rendered on <body> once the page has loaded, so a
+# headless browser (and a person with the developer tools) can check every image decoded.
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var images = Array.prototype.slice.call(document.images);
+  var rendered = images.filter(function (img) { return img.complete && img.naturalWidth > 0; });
+  document.body.setAttribute('data-images-total', String(images.length));
+  document.body.setAttribute('data-images-rendered', String(rendered.length));
+  document.body.setAttribute('data-ready', 'true');
+});
+"""
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def render_html(summary: dict[str, Any], reports: list[tuple[Path, dict[str, Any]]]) -> str:
+    """The self-contained report page (a str of HTML) for a group summary and its slide reports."""
+    escape = html.escape
+    descriptions = metric_descriptions()
+    counts = summary["status_counts"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        # Nothing may be fetched: images are data: URIs, style and script are inline.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>nuclei-app QC report</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>nuclei-app quality control: segmentation without ground truth</h1>",
+        f"<p>{summary['n_slides']} slide(s): <span class=\"status-pass\">{counts['pass']} pass</span>, "
+        f"<span class=\"status-warn\">{counts['warn']} warn</span>, "
+        f"<span class=\"status-fail\">{counts['fail']} fail</span>; "
+        f"{summary['n_outliers']} outlier slide(s). Generated by nuclei-app {escape(summary['software']['version'])} "
+        f"at {escape(summary['created_at'])}.</p>",
+        f"<p class=\"note\">Outlier cells (red): robust z-score across slides beyond {OUTLIER_Z} in the metric's "
+        f"worse direction (z = (x - median) / (1.4826 MAD)); computed with at least {MIN_SLIDES_FOR_OUTLIERS} "
+        "slides. Hover a column header for the metric's definition.</p>",
+        "<h2>Slides</h2>",
+        '<table id="slides"><thead><tr><th class="name">BIDS name</th><th>status</th><th class="name">reasons</th>',
+    ]
+    for metric in GROUP_METRICS:
+        out.append(f'<th title="{escape(descriptions.get(metric, ""))}">{escape(metric)}</th>')
+    out.append("</tr></thead><tbody>")
+    for slide in summary["slides"]:
+        row_class = ' class="outlier"' if slide["outlier"] else ""
+        reasons = ", ".join(slide["reasons"]) or "&mdash;"
+        out.append(
+            f'<tr{row_class}><td class="name"><a href="#slide-{escape(slide["bids_name"])}">'
+            f'{escape(slide["bids_name"])}</a></td><td class="status-{slide["status"]}">{slide["status"]}</td>'
+            f'<td class="name">{escape(reasons) if slide["reasons"] else reasons}</td>'
+        )
+        for metric in GROUP_METRICS:
+            flagged = metric in slide["outlier_metrics"]
+            z = slide["robust_z"].get(metric)
+            title = f' title="robust z = {z:.2f}"' if z is not None else ""
+            css = ' class="outlier"' if flagged else ""
+            out.append(f"<td{css}{title}>{escape(_format(slide['metrics'].get(metric)))}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+
+    out.append("<h2>Flagged tiles</h2>")
+    out.append('<p class="note">Each image: the nuclear channel(s) of the tile in grey with the nucleus outlines of '
+               "the segmentation in yellow, worst tile (lowest QC score) first.</p>")
+    for (report_path, report), slide in zip(reports, summary["slides"]):
+        name = slide["bids_name"]
+        out.append(f'<section id="slide-{escape(name)}"><h3>{escape(name)} &mdash; '
+                   f'<span class="status-{report["status"]}">{report["status"]}</span></h3>')
+        if report["reasons"]:
+            out.append("<ul>" + "".join(
+                f"<li><code>{escape(r['code'])}</code> ({r['severity']}): {escape(r['message'])}</li>"
+                for r in report["reasons"]) + "</ul>")
+        flagged = report["flagged_tiles"]
+        if not flagged:
+            out.append('<p class="note">No flagged tile.</p></section>')
+            continue
+        figures = []
+        for entry in flagged:
+            uri = _overlay_data_uri(report_path, entry.get("overlay"))
+            if uri is None:
+                continue
+            caption = (f"#{entry['rank']}: y {entry['y0']}, x {entry['x0']} px"
+                       + (f" ({entry['y0_um']:.1f}, {entry['x0_um']:.1f} µm)" if entry.get("y0_um") is not None else "")
+                       + f", {entry['height']}&times;{entry['width']} px, QC score "
+                       + _format(entry["qc_score"]) + (": " + ", ".join(entry["reasons"]) if entry["reasons"] else ""))
+            figures.append(
+                f'<figure><img src="{uri}" alt="tile y{entry["y0"]} x{entry["x0"]} of {escape(name)}">'
+                f"<figcaption>{caption}</figcaption></figure>"
+            )
+        without = len(flagged) - len(figures)
+        out.append(f'<div class="tiles">{"".join(figures)}</div>')
+        if without:
+            out.append(f'<p class="note">{without} more flagged tile(s) without an overlay (beyond max_overlays); '
+                       "coordinates in the slide's QC report.</p>")
+        out.append("</section>")
+
+    out.append("<h2>Metric definitions</h2><dl>")
+    for metric in GROUP_METRICS:
+        out.append(f"<dt>{escape(metric)}</dt><dd>{escape(descriptions.get(metric, ''))}</dd>")
+    out.append("</dl>")
+    out.append(f"<script>{_SCRIPT}</script></body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_group_report(
+    qc_reports: str | Path | Sequence[str | Path], output_dir: str | Path
+) -> GroupReport:
+    """Aggregate per-slide QC reports into ``group_qc.tsv``, ``group_qc.json`` and ``report.html``.
+
+    Parameters
+    ----------
+    qc_reports : path or sequence of paths
+        A folder (every ``*_desc-nuclei_qc.json`` below it is used, e.g. the BIDS derivative
+        output folder) or a list of per-slide QC report files.
+    output_dir : path
+        Folder to write the three files into (created when missing).
+
+    Returns
+    -------
+    GroupReport
+        The written paths and the group summary.
+
+    Raises
+    ------
+    MissingInputError (66)
+        A given folder or report does not exist.
+    NothingSelectedError (18)
+        No report found.
+    BadDataError (65)
+        A report is unreadable or breaks the ``qc_report`` schema.
+    CannotCreateOutputError (73)
+        The output folder cannot be written.
+    InvalidQCReportError
+        The group summary breaks the ``group_qc`` schema (a bug: nothing is written).
+    """
+    from nuclei_app.atomic import atomic_write_json, atomic_write_text
+    from nuclei_app.schemas import schema_errors
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CannotCreateOutputError("exists and is not a folder; give an output folder", output_dir)
+    paths = collect_qc_reports(qc_reports)
+    reports = [(path, read_qc_report(path)) for path in paths]
+    directions = metric_directions()
+    names = [bids_name(path) for path in paths]
+    values = {metric: [report["slide"].get(metric) for _, report in reports] for metric in GROUP_METRICS}
+    use_outliers = len(reports) >= MIN_SLIDES_FOR_OUTLIERS
+    z_scores = {metric: robust_z_scores(column) if use_outliers else [None] * len(reports)
+                for metric, column in values.items()}
+    slides = []
+    for index, ((path, report), name) in enumerate(zip(reports, names)):
+        robust = {metric: (None if z_scores[metric][index] is None else round(float(z_scores[metric][index]), 4))
+                  for metric in GROUP_METRICS}
+        outlier_metrics = [m for m in GROUP_METRICS if _is_outlier(robust[m], directions.get(m, "none"))]
+        try:
+            relative = str(path.resolve().relative_to(output_dir.resolve()))
+        except ValueError:
+            relative = str(path.resolve())
+        slides.append({
+            "bids_name": name,
+            "qc_report": relative,
+            "source": report["provenance"]["image"]["path"],
+            "status": report["status"],
+            "reasons": [reason["code"] for reason in report["reasons"]],
+            "n_flagged_tiles": len(report["flagged_tiles"]),
+            "metrics": {metric: report["slide"].get(metric) for metric in GROUP_METRICS},
+            "robust_z": robust,
+            "outlier": bool(outlier_metrics),
+            "outlier_metrics": outlier_metrics,
+        })
+    counts = {status: sum(1 for s in slides if s["status"] == status) for status in ("pass", "warn", "fail")}
+    summary = {
+        "schema_version": "1.0",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "software": {"name": "nuclei-app", "version": __version__},
+        "n_slides": len(slides),
+        "status_counts": counts,
+        "n_outliers": sum(1 for s in slides if s["outlier"]),
+        "outlier_rule": {
+            "statistic": "robust z = (x - median) / (1.4826 MAD); 1.2533 x mean absolute deviation when MAD = 0",
+            "threshold": OUTLIER_Z,
+            "min_slides": MIN_SLIDES_FOR_OUTLIERS,
+            "applied": use_outliers,
+            "directions": {metric: directions.get(metric, "none") for metric in GROUP_METRICS},
+        },
+        "metrics": list(GROUP_METRICS),
+        "columns": {name: {"Description": text} for name, text in TSV_COLUMNS}
+        | {metric: {"Description": metric_descriptions().get(metric, "")} for metric in GROUP_METRICS},
+        "slides": slides,
+    }
+    problems = schema_errors(summary, "group_qc")
+    if problems:
+        raise InvalidQCReportError(
+            f"nuclei-app built a group QC summary that breaks its schema (a bug; please report it): {problems[0]}"
+        )
+    header = [name for name, _ in TSV_COLUMNS] + list(GROUP_METRICS)
+    lines = ["\t".join(header)]
+    for slide in slides:
+        row = [slide["bids_name"], slide["qc_report"], slide["status"], ",".join(slide["reasons"]) or MISSING,
+               _cell(slide["outlier"]), ",".join(slide["outlier_metrics"]) or MISSING]
+        row += [_cell(slide["metrics"][metric]) for metric in GROUP_METRICS]
+        lines.append("\t".join(row))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CannotCreateOutputError(f"cannot create folder ({error.strerror}); choose a writable path", output_dir)
+    tsv = atomic_write_text(output_dir / GROUP_TSV, "\n".join(lines) + "\n")
+    page = atomic_write_text(output_dir / REPORT_HTML, render_html(summary, reports))
+    json_path = atomic_write_json(output_dir / GROUP_JSON, summary)
+    return GroupReport(tsv, json_path, page, summary)
+
+
+__all__ = [
+    "GROUP_METRICS",
+    "GroupReport",
+    "bids_name",
+    "collect_qc_reports",
+    "read_qc_report",
+    "render_html",
+    "robust_z_scores",
+    "write_group_report",
+]

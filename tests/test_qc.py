@@ -1,0 +1,413 @@
+"""QC without ground truth: metric functions, config, the `qc` command, planted failures, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from nuclei_app.config import QCThresholds
+from nuclei_app.qc import (
+    InvalidQCReportError,
+    load_qc_config,
+    morphology_outliers,
+    overlapping_ids,
+    qc_status,
+    qc_tile_edges,
+    seed_points,
+    seed_recall,
+    signal_autocorrelation,
+    straight_cut_ids,
+    tile_qc_score,
+    foreground_coverage,
+    foreground_precision,
+    validate_qc_report,
+    write_qc_report,
+)
+from nuclei_app.schemas import schema_errors
+
+#: 360 x 360 px, 36 nuclei of about 40 px (DSB 2018 stage 1, CC0): fast and a clean "good" case.
+SMALL = "dsb_5488e8df5440"
+
+
+def disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+@pytest.fixture(scope="module")
+def small_pair(nuclei_gt_dir: Path) -> tuple[Path, Path]:
+    folder = nuclei_gt_dir / "dsb2018-stage1-fixed"
+    return folder / f"{SMALL}_img.tif", folder / f"{SMALL}_masks.tif"
+
+
+def read_report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    assert schema_errors(report, "qc_report") == []
+    return report
+
+
+def codes(report: dict) -> set[str]:
+    return {reason["code"] for reason in report["reasons"]}
+
+
+# ------------------------------------------------------------------------ metric functions
+
+
+def test_signal_autocorrelation_tells_nuclei_from_noise():
+    rng = np.random.default_rng(0)
+    blobs = np.zeros((128, 128), np.float32)
+    for centre in rng.integers(10, 118, size=(20, 2)):
+        blobs[disc(blobs.shape, centre, 6)] = 1.0
+    blobs += rng.normal(0, 0.05, blobs.shape).astype(np.float32)
+    noise = rng.random((128, 128)).astype(np.float32)
+    assert signal_autocorrelation(blobs) > 0.8
+    assert abs(signal_autocorrelation(noise)) < 0.1
+    assert signal_autocorrelation(np.ones((16, 16))) is None
+
+
+def test_foreground_coverage_and_precision_count_pixels():
+    foreground = np.zeros((10, 10), bool)
+    foreground[:, :5] = True  # 50 px
+    nuclei = np.zeros((10, 10), bool)
+    nuclei[:, 3:8] = True  # 50 px, 20 of them on the foreground
+    assert foreground_coverage(nuclei, foreground) == pytest.approx(20 / 50)
+    assert foreground_precision(nuclei, foreground) == pytest.approx(20 / 50)
+    assert foreground_coverage(nuclei, np.zeros_like(foreground)) is None
+    assert foreground_precision(np.zeros_like(nuclei), foreground) is None
+
+
+def test_seed_points_lie_inside_their_objects_and_recall_counts_them():
+    labels = np.zeros((64, 64), np.uint32)
+    labels[disc(labels.shape, (16, 16), 8)] = 1
+    # A crescent: its centroid lies outside it, its innermost pixel does not.
+    labels[disc(labels.shape, (44, 44), 12) & ~disc(labels.shape, (44, 52), 10)] = 2
+    seeds = seed_points(labels)
+    assert seeds.shape == (2, 2)
+    assert labels[seeds[0, 0], seeds[0, 1]] == 1 and labels[seeds[1, 0], seeds[1, 1]] == 2
+    assert tuple(seeds[0]) == (16, 16)
+    assert seed_recall(seeds, labels == 1) == pytest.approx(0.5)
+    assert seed_recall(np.zeros((0, 2), int), labels > 0) is None
+
+
+def test_straight_cut_ids_finds_nuclei_cut_at_a_line_but_not_round_ones():
+    labels = np.zeros((80, 80), np.uint32)
+    labels[disc(labels.shape, (20, 20), 12)] = 1  # whole: touches column 33 with a short run only
+    cut = disc(labels.shape, (60, 40), 12)
+    cut[:, 40:] = False  # cut flat at the line between columns 39 and 40
+    labels[cut] = 2
+    assert straight_cut_ids(labels, axis=1, position=40, min_run=8).tolist() == [2]
+    assert straight_cut_ids(labels, axis=1, position=33, min_run=8).tolist() == []
+    # The same cut seen from the other side, on a horizontal line.
+    assert straight_cut_ids(labels.T, axis=0, position=40, min_run=8).tolist() == [2]
+
+
+def test_overlapping_ids_finds_pairs_across_layers():
+    layer0 = np.zeros((20, 20), np.uint32)
+    layer1 = np.zeros((20, 20), np.uint32)
+    layer0[2:8, 2:8] = 1
+    layer0[12:18, 12:18] = 3
+    layer1[5:10, 5:10] = 2  # overlaps 1
+    assert overlapping_ids([layer0, layer1]).tolist() == [1, 2]
+    assert overlapping_ids([layer0]).tolist() == []
+
+
+def test_morphology_outliers_flag_giants_ragged_and_slivers_against_the_slide():
+    rng = np.random.default_rng(1)
+    area = rng.normal(300, 20, 200)
+    solidity = rng.normal(0.95, 0.01, 200)
+    eccentricity = rng.normal(0.5, 0.05, 200)
+    area[0], solidity[1], eccentricity[2] = 3000, 0.6, 0.99
+    eccentricity[3] = 0.0  # rounder than usual is not an error
+    flags, reference = morphology_outliers(area, solidity, eccentricity, k=3.5)
+    assert flags["area"][0] and flags["solidity"][1] and flags["eccentricity"][2]
+    assert not flags["any"][3]
+    assert flags["any"].sum() <= 6
+    assert reference["solidity_median"] == pytest.approx(0.95, abs=0.01)
+
+
+def test_tile_qc_score_is_the_weighted_mean_of_available_components():
+    assert tile_qc_score({"teacher_student_f1": 1.0, "seed_recall": 0.0}) == pytest.approx(3 / 4)
+    assert tile_qc_score({"teacher_student_f1": None, "seed_recall": 0.5}) == pytest.approx(0.5)
+    assert tile_qc_score({}) is None
+
+
+def test_qc_status_lists_failures_first_with_machine_readable_reasons():
+    status, reasons = qc_status({"n_nuclei": 10, "foreground_share": 0.3, "seed_recall": 0.6,
+                                 "teacher_student_f1": 0.1, "score_mean": None}, QCThresholds())
+    assert status == "fail"
+    assert [r["code"] for r in reasons] == ["low_teacher_agreement", "low_seed_recall"]
+    assert reasons[0] == {"code": "low_teacher_agreement", "severity": "fail", "metric": "teacher_student_f1",
+                          "value": 0.1, "threshold": 0.25, "comparison": "<",
+                          "message": reasons[0]["message"]}
+    assert reasons[1]["severity"] == "warn"
+    assert qc_status({"n_nuclei": 5, "foreground_share": 0.2, "seed_recall": 0.95})[0] == "pass"
+    assert qc_status({"n_nuclei": 0, "foreground_share": 0.2})[1][0]["code"] == "no_nuclei"
+
+
+def test_qc_tile_edges_widen_the_last_tile_instead_of_a_sliver():
+    assert qc_tile_edges(520, 128) == [0, 128, 256, 384, 520]
+    assert qc_tile_edges(600, 128) == [0, 128, 256, 384, 512, 600]
+    assert qc_tile_edges(100, 512) == [0, 100]
+
+
+def test_a_report_that_breaks_its_schema_fails_loudly():
+    with pytest.raises(InvalidQCReportError, match="breaks its schema"):
+        validate_qc_report({"status": "maybe"})
+
+
+# ------------------------------------------------------------------------ QC config
+
+
+def test_qc_config_from_json_and_toml(tmp_path: Path):
+    json_path = tmp_path / "qc.json"
+    json_path.write_text(json.dumps({"tile_size_px": 256, "seed_recall_warn": 0.8}))
+    toml_path = tmp_path / "qc.toml"
+    toml_path.write_text("[qc]\nteacher_student_f1_fail = 0.2\nmax_overlays = 3\n")
+    assert load_qc_config(json_path) == QCThresholds(tile_size_px=256, seed_recall_warn=0.8)
+    assert load_qc_config(toml_path) == QCThresholds(teacher_student_f1_fail=0.2, max_overlays=3)
+    assert load_qc_config(None) == QCThresholds()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("unknown.json", '{"seed_recal_warn": 0.5}', "'seed_recal_warn' was unexpected"),
+        ("range.toml", "seed_recall_fail = 1.5\n", "seed_recall_fail: 1.5 is greater than the maximum of 1"),
+        ("order.json", '{"seed_recall_fail": 0.9, "seed_recall_warn": 0.8}', "must not exceed"),
+        ("type.json", '{"tile_size_px": "big"}', "is not of type 'integer'"),
+        ("syntax.toml", "tile_size_px = = 3\n", "cannot parse the QC config"),
+    ],
+)
+def test_bad_qc_config_is_a_one_line_usage_error(run_cli, small_pair, tmp_path, name, text, message):
+    image, masks = small_pair
+    config = tmp_path / name
+    config.write_text(text)
+    result = run_cli("qc", masks, image, "-o", tmp_path / "qc.json", "--config", config)
+    assert result.exit_code == 64
+    assert message in result.stderr and str(config) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "qc.json").exists()
+
+
+def test_missing_qc_config_exits_66(run_cli, small_pair, tmp_path):
+    image, masks = small_pair
+    result = run_cli("qc", masks, image, "-o", tmp_path / "qc.json", "--config", tmp_path / "absent.toml")
+    assert result.exit_code == 66 and len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------ real data
+
+
+def test_cli_qc_of_human_masks_passes_with_a_schema_valid_report(run_cli, small_pair, tmp_path):
+    image, masks = small_pair
+    output = tmp_path / "sub-01_sample-A_desc-nuclei_qc.json"
+    result = run_cli("qc", masks, image, "-o", output)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("status: pass;")
+    report = read_report(output)
+    assert report["status"] == "pass" and report["reasons"] == []
+    slide = report["slide"]
+    assert slide["n_nuclei"] == 36
+    assert slide["foreground_coverage"] > 0.9 and slide["seed_recall"] > 0.9
+    assert slide["teacher_student_f1"] > 0.6
+    assert slide["signal_autocorrelation"] > 0.9
+    assert slide["score_mean"] is None and slide["density_per_mm2"] is None  # no table, no pixel size
+    tile = report["tiles"][0]
+    assert (tile["y0"], tile["x0"], tile["height"], tile["width"]) == (0, 0, 360, 360)
+    provenance = report["provenance"]
+    assert provenance["image"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert provenance["labels"]["sha256"] == hashlib.sha256(masks.read_bytes()).hexdigest()
+    assert provenance["software"]["name"] == "nuclei-app"
+    assert provenance["parameters"]["thresholds"] == QCThresholds().to_dict()
+    assert report["timings"]["total_seconds"] > 0
+
+
+def shifted(labels: np.ndarray, by: int) -> np.ndarray:
+    out = np.zeros_like(labels)
+    out[by:, by:] = labels[:-by, :-by]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("shifted_half_diameter", {"low_teacher_agreement", "low_foreground_coverage"}),
+        ("half_deleted", {"low_seed_recall", "low_foreground_coverage"}),
+    ],
+)
+def test_planted_label_failures_fail_with_the_right_reason(small_pair, tmp_path, case, expected):
+    image, masks = small_pair
+    truth = tifffile.imread(masks)
+    good = write_qc_report(masks, image, tmp_path / "good.json").report
+    diameter = good["provenance"]["parameters"]["nucleus_diameter_px"]
+    if case == "shifted_half_diameter":
+        planted = shifted(truth, int(round(diameter / 2)))
+    else:
+        ids = np.unique(truth)[1:]
+        planted = np.where(np.isin(truth, ids[::2]), 0, truth)
+    path = tmp_path / f"{case}.tif"
+    tifffile.imwrite(path, planted)
+    report = write_qc_report(path, image, tmp_path / f"{case}_qc.json").report
+    assert good["status"] == "pass"
+    assert report["status"] == "fail"
+    assert expected <= codes(report)
+    failed = {r["code"] for r in report["reasons"] if r["severity"] == "fail"}
+    assert failed & expected
+
+
+def test_noise_slide_fails_for_missing_nuclear_signal(run_cli, small_pair, tmp_path):
+    from nuclei_app.segment import PredictorSpec, segment_slide
+
+    image, _ = small_pair
+    noise = tmp_path / "noise.tif"
+    tifffile.imwrite(noise, np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8))
+    store = tmp_path / "noise_desc-nuclei_FLUO.ome.zarr"
+    segmented = segment_slide(noise, store, PredictorSpec("weak"), progress=False)
+    assert segmented.n_nuclei == 0
+    result = run_cli("qc", store, noise, "-o", tmp_path / "noise_qc.json")
+    assert result.exit_code == 0, result.stderr
+    report = read_report(tmp_path / "noise_qc.json")
+    assert report["status"] == "fail"
+    assert {"no_nuclear_signal", "no_nuclei"} <= codes(report)
+    assert report["slide"]["signal_autocorrelation"] < 0.1
+
+
+def test_zero_step_model_fails_and_model_rescoring_flags_it(run_cli, small_pair, tmp_path):
+    from nuclei_app.config import TrainingConfig
+    from nuclei_app.segment import PredictorSpec, segment_slide
+    from nuclei_app.train import train_model
+
+    image, masks = small_pair
+    model_dir = tmp_path / "model-zero"
+    # A budget of a nanosecond: not a single optimiser step (the weights stay random).
+    result = train_model([image], model_dir, TrainingConfig(steps_per_round=1, rounds=0, max_minutes=1e-9))
+    assert result.report["rounds"][0]["steps"] == 0
+    store = tmp_path / "zero_desc-nuclei_FLUO.ome.zarr"
+    segment_slide(image, store, PredictorSpec("model", str(model_dir)), progress=False)
+    report = write_qc_report(store, image, tmp_path / "zero_qc.json").report
+    assert report["status"] == "fail"
+    assert codes(report) & {"no_nuclei", "low_foreground_coverage", "low_teacher_agreement", "low_seed_recall"}
+    assert report["provenance"]["model"]["source"] == "run_record"
+    # Rescoring the human masks with the untrained model's heads: it confirms none of them.
+    cli = run_cli("qc", masks, image, "-o", tmp_path / "rescored.json", "--model", model_dir, "--device", "cpu")
+    assert cli.exit_code == 0, cli.stderr
+    rescored = read_report(tmp_path / "rescored.json")
+    assert rescored["provenance"]["parameters"]["scores_from"] == "model"
+    assert rescored["provenance"]["model"]["model_id"] == result.card["model_id"]
+    assert rescored["slide"]["score_mean"] < 0.4
+    assert "low_detection_scores" in codes(rescored)
+
+
+def test_segmentation_store_uses_its_table_layers_and_tile_grid(nuclei_gt_dir, tmp_path):
+    from nuclei_app.segment import PredictorSpec, segment_slide
+
+    image = nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_f6863b83d75e_img.tif"
+    store = tmp_path / "sub-01_sample-B_desc-nuclei_FLUO.ome.zarr"
+    table = tmp_path / "sub-01_sample-B_desc-nuclei_objects.tsv"
+    segment_slide(image, store, PredictorSpec("weak"), tile=128, overlap=32, table_path=table, progress=False)
+    report = write_qc_report(store, image, tmp_path / "sub-01_sample-B_desc-nuclei_qc.json",
+                             thresholds=QCThresholds(tile_size_px=128)).report
+    parameters = report["provenance"]["parameters"]
+    assert parameters["scores_from"] == "table" and report["provenance"]["table"]["path"] == str(table.resolve())
+    assert parameters["seam_lines_from"] == "run_record" and parameters["seam_stride_px"] == 96
+    slide = report["slide"]
+    assert slide["score_mean"] is not None and slide["head_agreement_mean"] == pytest.approx(1.0)
+    assert slide["n_layers"] >= 1 and slide["overlap_share"] is not None
+    # The stitcher keeps nuclei whole across tiles: no more straight cuts at seams than elsewhere.
+    assert slide["seam_excess"] is not None and slide["seam_excess"] < QCThresholds().seam_excess_warn
+    assert "seam_artifacts" not in codes(report)
+    assert len(report["tiles"]) == slide["n_tiles_analysed"] > 1
+
+
+def test_flagged_tiles_are_ranked_and_drawn_beside_the_report(small_pair, tmp_path):
+    image, masks = small_pair
+    output = tmp_path / "x_desc-nuclei_qc.json"
+    thresholds = QCThresholds(tile_size_px=128, flag_tile_score_below=1.0, max_overlays=3)
+    result = write_qc_report(masks, image, output, thresholds=thresholds)
+    flagged = result.report["flagged_tiles"]
+    assert len(flagged) == 9 and [f["rank"] for f in flagged] == list(range(1, 10))  # 3 x 3 tiles
+    assert [f["qc_score"] for f in flagged] == sorted(f["qc_score"] for f in flagged)
+    assert result.overlay_dir == tmp_path / "x_desc-nuclei_qc"
+    drawn = [f for f in flagged if f["overlay"]]
+    assert len(drawn) == 3 and all(f["overlay"] is None for f in flagged[3:])
+    for entry in drawn:
+        png = (output.parent / entry["overlay"]).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        assert entry["overlay"] == f"x_desc-nuclei_qc/tile-{entry['y0']}-{entry['x0']}.png"
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def test_labels_of_another_shape_exit_65_with_one_line(run_cli, small_pair, tmp_path):
+    image, _ = small_pair
+    labels = tmp_path / "labels.tif"
+    tifffile.imwrite(labels, np.zeros((100, 120), np.uint16))
+    result = run_cli("qc", labels, image, "-o", tmp_path / "qc.json")
+    assert result.exit_code == 65
+    assert "labels shape (100, 120) differs from image shape (360, 360)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "qc.json").exists()
+
+
+def test_non_integer_labels_exit_65_with_one_line(run_cli, small_pair, tmp_path):
+    image, _ = small_pair
+    labels = tmp_path / "float_labels.tif"
+    tifffile.imwrite(labels, np.random.default_rng(0).random((360, 360)).astype(np.float32))
+    result = run_cli("qc", labels, image, "-o", tmp_path / "qc.json")
+    assert result.exit_code == 65 and "non-integer" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_labels_exit_66(run_cli, small_pair, tmp_path):
+    image, _ = small_pair
+    result = run_cli("qc", tmp_path / "absent.ome.zarr", image, "-o", tmp_path / "qc.json")
+    assert result.exit_code == 66 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_multichannel_ome_tiff_uses_the_nuclear_channel_and_the_pixel_size(small_pair, tmp_path):
+    image, masks = small_pair
+    dapi = tifffile.imread(image)
+    other = np.random.default_rng(2).integers(0, 50, dapi.shape, dtype=np.uint8)
+    slide = tmp_path / "slide.ome.tif"
+    tifffile.imwrite(slide, np.stack([other, dapi]), ome=True, photometric="minisblack",
+                     metadata={"axes": "CYX", "Channel": {"Name": ["CD3", "DAPI"]},
+                               "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    report = write_qc_report(masks, slide, tmp_path / "qc.json", thresholds=QCThresholds(tile_size_px=128)).report
+    assert report["status"] == "pass"
+    assert report["provenance"]["parameters"]["nuclear_channels"] == ["DAPI"]
+    assert report["image"]["pixel_size_um"] == [0.5, 0.5]
+    tile = report["tiles"][4]
+    assert (tile["y0_um"], tile["x0_um"], tile["height_um"]) == (64.0, 64.0, 64.0)
+    area_mm2 = 360 * 360 * 0.25 / 1e6
+    assert report["slide"]["density_per_mm2"] == pytest.approx(36 / area_mm2, rel=1e-4)
+
+
+def test_every_metric_is_documented_like_an_mriqc_iqm():
+    from nuclei_app.schemas import load_schema
+
+    schema = load_schema("qc_report")
+    documented = {
+        **schema["properties"]["slide"]["properties"],
+        **schema["properties"]["tiles"]["items"]["properties"],
+    }
+    metrics = {name: spec for name, spec in documented.items() if "x-better" in spec}
+    assert len(metrics) >= 35
+    for name, spec in metrics.items():
+        assert spec["x-better"] in ("higher", "lower", "none"), name
+        assert "Unit:" in spec["description"] and "Range:" in spec["description"], name
+        assert spec["x-unit"] and len(spec["x-range"]) == 2, name
+
+
+def test_qc_config_schema_matches_the_thresholds_dataclass():
+    from dataclasses import fields
+
+    from nuclei_app.schemas import load_schema
+
+    properties = load_schema("qc_config")["properties"]
+    assert list(properties) == [f.name for f in fields(QCThresholds)]
+    assert {name: spec["default"] for name, spec in properties.items()} == QCThresholds().to_dict()
