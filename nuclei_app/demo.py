@@ -1,7 +1,10 @@
 """`nuclei-app demo`: the embedded sample dataset, end to end.
 
-`run_demo` is a list of steps; each appends a `DemoStep` to the summary, so later stages
-(training, segmentation, QC, evaluation) add their step here without touching the CLI.
+`run_demo` is a list of steps; each appends a `DemoStep` to the summary: make (or reuse)
+the sample dataset, validate it, then the BIDS App's three levels on it (`run ... train`,
+`run ... participant`, `run ... group`, into ``OUTPUT_DIR/derivatives``), and finally the
+accuracy of every slide against its ground truth (F1 at IoU 0.5, AJI+), which the app
+itself never sees.
 """
 
 from __future__ import annotations
@@ -11,7 +14,14 @@ from pathlib import Path
 
 from nuclei_app.errors import CannotCreateOutputError
 
-__all__ = ["DemoStep", "DemoSummary", "run_demo"]
+__all__ = ["DemoStep", "DemoSummary", "run_demo", "DEMO_STEPS", "DEMO_ROUNDS", "DEMO_MAX_MINUTES"]
+
+#: Default training length of the demo: a few minutes on 2 CPU cores (the budget caps it).
+#: No self-training round by default: on 2 cores relabelling the training slides costs more
+#: time than the demo has (`nuclei-app demo --rounds 1` shows it).
+DEMO_STEPS = 150
+DEMO_ROUNDS = 0
+DEMO_MAX_MINUTES = 5.0
 
 
 @dataclass
@@ -31,6 +41,13 @@ class DemoSummary:
     steps: list[DemoStep] = field(default_factory=list)
     dataset: object = None  # nuclei_app.sample_data.SampleDataset
     validation: object = None  # nuclei_app.validate.ValidationReport
+    runs: dict = field(default_factory=dict)  # level -> nuclei_app.bids_app.RunResult
+    scores: dict = field(default_factory=dict)  # source slide name -> evaluate scores (f1_50, aji_plus, ...)
+
+    def raise_for_failures(self) -> None:
+        """Raise `SlidesFailedError` (exit 1) when a slide failed in the participant level."""
+        if "participant" in self.runs:
+            self.runs["participant"].raise_for_failures()
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per step and path."""
@@ -41,21 +58,37 @@ class DemoSummary:
         return out
 
 
-def run_demo(output_dir: str | Path, data_dir: str | Path | None = None, seed: int = 0) -> DemoSummary:
-    """Create (or reuse) the sample dataset and validate it.
+def run_demo(
+    output_dir: str | Path,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    steps: int = DEMO_STEPS,
+    rounds: int = DEMO_ROUNDS,
+    max_minutes: float = DEMO_MAX_MINUTES,
+    device: str = "auto",
+) -> DemoSummary:
+    """Create (or reuse) the sample dataset, validate it, run the BIDS App on it and score the result.
+
+    Every level resumes: a second call with the same settings reuses the model and the
+    finished slides.
 
     Parameters
     ----------
     output_dir : str or Path
-        Where the demo writes its results.
+        Where the demo writes its results (the BIDS derivative in ``output_dir / "derivatives"``).
     data_dir : str or Path, optional
         Where the sample dataset lives; default ``output_dir / "sample_data"``.
     seed : int
         Seed of the sample dataset (and of every later step).
+    steps, rounds, max_minutes : training length: optimizer steps of round 0, self-training
+        rounds after it, wall-clock budget (the defaults fit in a few minutes on 2 CPU cores).
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
 
     Returns
     -------
     DemoSummary
+        ``raise_for_failures()`` raises when a slide failed.
     """
     from nuclei_app.sample_data import make_sample_dataset
     from nuclei_app.validate import validate_dataset
@@ -79,4 +112,71 @@ def run_demo(output_dir: str | Path, data_dir: str | Path | None = None, seed: i
     report = validate_dataset(dataset.bids_dir)
     summary.validation = report
     summary.steps.append(DemoStep("validate", report.summary()))
+    if not report.valid:
+        return summary
+    _run_pipeline(summary, output_dir / "derivatives", steps, rounds, max_minutes, device)
     return summary
+
+
+def _run_pipeline(summary: DemoSummary, derivatives: Path, steps: int, rounds: int, max_minutes: float,
+                  device: str) -> None:
+    """`run BIDS OUT train`, `... participant`, `... group`, then the scores against ground truth."""
+    from nuclei_app.bids_app import run_bids_app
+    from nuclei_app.config import RunConfig
+    from nuclei_app.evaluate import evaluate_paths
+
+    dataset = summary.dataset
+    # validated just above; the three levels share one configuration, as a pipeline would
+    config = RunConfig(seed=summary.seed, steps=steps, rounds=rounds, max_minutes=max_minutes, device=device,
+                       skip_bids_validation=True)
+    train = run_bids_app(dataset.bids_dir, derivatives, "train", config)
+    summary.runs["train"] = train
+    index_entry = _index_entry(derivatives, train.model.model_id)
+    excluded = len(index_entry.get("excluded_slides", []))
+    summary.steps.append(DemoStep(
+        "train",
+        f"run {dataset.bids_dir} {derivatives} train: model {train.model.model_id} learned from "
+        f"{len(index_entry['slides'])} slide(s) on channels {index_entry['nuclear_channels']}"
+        + (f" ({excluded} slide(s) with another panel segmented through the stain alias)" if excluded else ""),
+        [train.model.path],
+    ))
+    participant = run_bids_app(dataset.bids_dir, derivatives, "participant", config)
+    summary.runs["participant"] = participant
+    done = [o for o in participant.slides if o.status != "failed"]
+    summary.steps.append(DemoStep(
+        "participant",
+        f"run {dataset.bids_dir} {derivatives} participant: {len(done)} of {len(participant.slides)} slide(s) segmented, "
+        f"{sum(o.n_nuclei or 0 for o in done)} nuclei in all",
+    ))
+    group = run_bids_app(dataset.bids_dir, derivatives, "group", config)
+    summary.runs["group"] = group
+    if group.group is not None:
+        counts = group.group.summary["status_counts"]
+        summary.steps.append(DemoStep(
+            "group",
+            f"run {dataset.bids_dir} {derivatives} group: QC {counts['pass']} pass, {counts['warn']} warn, "
+            f"{counts['fail']} fail; open the report:",
+            [group.group.html, group.group.tsv],
+        ))
+    for outcome in participant.slides:
+        if outcome.status == "failed":
+            summary.steps.append(DemoStep("slide", f"{outcome.source}: FAILED (exit {outcome.exit_code}): {outcome.error}"))
+            continue
+        truth = dataset.ground_truth_for(outcome.source.rsplit("/", 1)[-1])
+        scores = evaluate_paths(outcome.paths.store, truth.labels).images[0]
+        summary.scores[outcome.source] = scores
+        summary.steps.append(DemoStep(
+            "slide",
+            f"{outcome.bids_name}: {outcome.n_nuclei} nuclei, QC {outcome.qc_status}; against ground truth "
+            f"({scores['n_gt']} nuclei): f1_50 {scores['f1_50']:.3f}, aji_plus {scores['aji_plus']:.3f}",
+            [outcome.paths.store],
+        ))
+
+
+def _index_entry(derivatives: Path, model_id: str) -> dict:
+    from nuclei_app.bids_app import read_models_index
+
+    for entry in read_models_index(derivatives)["models"]:
+        if entry.get("model_id") == model_id:
+            return entry
+    return {"slides": [], "nuclear_channels": []}

@@ -14,13 +14,17 @@ from nuclei_app.sample_data import SYNTHETIC_CHANNELS, make_sample_dataset, synt
 from nuclei_app.validate import validate_dataset
 
 
+#: The demo's pipeline with a few training steps (the default trains for minutes; see test_bids_app).
+TINY_DEMO = ("--steps", "4", "--rounds", "0", "--max-minutes", "1", "--device", "cpu")
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Run `nuclei-app demo` once (it creates the dataset) and share the result."""
     from nuclei_app.cli import main
 
     output = tmp_path_factory.mktemp("demo") / "out"
-    code = main(["demo", "--output-dir", str(output), "--seed", "3"])
+    code = main(["demo", "--output-dir", str(output), "--seed", "3", *TINY_DEMO])
     return code, output
 
 
@@ -42,10 +46,17 @@ def test_demo_reuses_a_complete_dataset(demo, run_cli):
     _, output = demo
     labels = output / "sample_data" / "ground_truth" / "sub-01_ses-01_sample-A_FLUO_labels.tif"
     before = labels.stat().st_mtime_ns
-    result = run_cli("demo", "--output-dir", output, "--seed", "3")
+    result = run_cli("demo", "--output-dir", output, "--seed", "3", *TINY_DEMO)
     assert result.exit_code == 0
     assert "valid BIDS microscopy dataset" in result.stdout and str(labels.parent) in result.stdout
     assert labels.stat().st_mtime_ns == before
+    # the BIDS App's three levels ran (and resumed): group report, per-slide figures and scores
+    derivatives = output / "derivatives"
+    assert str(derivatives / "report.html") in result.stdout and "[group]" in result.stdout
+    slide_lines = [line for line in result.stdout.splitlines() if line.startswith("[slide]")]
+    assert len(slide_lines) == 4
+    assert all(" nuclei, QC " in line and "f1_50" in line and "aji_plus" in line for line in slide_lines)
+    assert len(list(derivatives.glob("sub-*/ses-*/micr/*_desc-nuclei_qc.json"))) == 4
 
 
 def test_synthetic_slides_are_multiplex_dense_and_overlapping(demo):
