@@ -23,7 +23,8 @@ import tifffile
 
 from nuclei_app.config import TrainingConfig
 from nuclei_app.evaluate import score_pooled
-from nuclei_app.train import normalise, predict_native_labels, train_model
+from nuclei_app.read import normalise_intensities
+from nuclei_app.train import predict_native_labels, train_model
 from nuclei_app.weak import weak_labels
 
 
@@ -46,16 +47,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work"))
+    parser.add_argument("--weak-methods", default="otsu,log", help="teacher per head, in order")
+    parser.add_argument("--no-agreement", action="store_true", help="ablation: no cross-check between teachers")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (quick checks)")
     args = parser.parse_args()
 
-    pairs = load_pairs(args.data)
+    pairs = load_pairs(args.data)[: args.limit]
     images = {name: tifffile.imread(path).astype(np.float32) for name, path, _ in pairs}
     gts = {name: gt for name, _, gt in pairs}
 
     def normalised(name: str) -> np.ndarray:
         image = images[name][None] if images[name].ndim == 2 else images[name]
         low, high = np.percentile(image, [1.0, 99.8])
-        return normalise(image, np.array([[low, high]] * image.shape[0], dtype=np.float32))
+        return normalise_intensities(image, np.array([[low, high]] * image.shape[0], dtype=np.float32))
 
     teacher = {}
     for method in ("log", "otsu"):
@@ -65,11 +69,16 @@ def main() -> int:
 
     def evaluation(model, round_index, training_images):
         scales = {Path(item.source["path"]).name[: -len("_img.tif")]: item.scale for item in training_images}
-        predictions = [(predict_native_labels(model, normalised(name), scales[name]), gts[name]) for name in gts]
-        return score_pooled(predictions)
+        scores = {}
+        for threshold in (0.3, 0.5, 0.7):
+            predictions = [(predict_native_labels(model, normalised(name), scales[name], score_threshold=threshold),
+                            gts[name]) for name in gts]
+            scores[f"score_threshold_{threshold}"] = score_pooled(predictions)
+        return scores
 
     config = TrainingConfig(preset=args.preset, heads=args.heads, rounds=args.rounds, max_minutes=args.minutes,
-                            steps_per_round=args.steps, seed=args.seed)
+                            steps_per_round=args.steps, seed=args.seed,
+                            weak_methods=tuple(args.weak_methods.split(",")), teacher_agreement=not args.no_agreement)
 
     started = time.time()
 
@@ -82,7 +91,8 @@ def main() -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     rows = [("teacher log-watershed", teacher["log"]), ("teacher otsu-watershed", teacher["otsu"])]
-    rows += [(f"student round {r['round']}", r["evaluation"]) for r in result.report["rounds"]]
+    rows += [(f"student round {r['round']} @{key[-3:]}", value) for r in result.report["rounds"]
+             for key, value in r["evaluation"].items()]
     print(f"\nsource {args.data.name}: {len(pairs)} images, {sum(int(g.max()) for g in gts.values())} GT nuclei; "
           f"train {train_seconds:.0f} s, peak RSS {peak_mb:.0f} MB")
     print(f"{'method':28s} {'F1@0.5':>7s} {'AJI+':>7s} {'AP.5:.95':>9s} {'PQ':>7s} {'prec':>7s} {'rec':>7s} {'n_pred':>7s}")

@@ -78,18 +78,26 @@ def demo_command(
         None, "--data-dir", help="Where the sample dataset is made or reused (default: OUTPUT_DIR/sample_data)."
     ),
     seed: int = typer.Option(0, help="Random seed of the sample dataset and every step."),
+    steps: int = typer.Option(150, "--steps", help="Training: optimizer steps of round 0."),
+    rounds: int = typer.Option(0, "--rounds", help="Training: self-training rounds after round 0 (each costs a pass of self-labelling)."),
+    max_minutes: float = typer.Option(5.0, "--max-minutes", help="Training: time budget in minutes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
-    """Run the embedded sample dataset end to end (made deterministically on first use)."""
+    """Run the embedded sample dataset end to end: `run ... train`, `participant`, `group`, then scores vs ground truth."""
     from nuclei_app.demo import run_demo
     from nuclei_app.errors import InvalidBIDSError
+    from nuclei_app.progress import configure_logging
 
-    summary = run_demo(output_dir, data_dir=data_dir, seed=seed)
+    configure_logging()
+    summary = run_demo(output_dir, data_dir=data_dir, seed=seed, steps=steps, rounds=rounds, max_minutes=max_minutes,
+                       device=device)
     for line in summary.lines():
         typer.echo(line)
     if summary.validation is not None and not summary.validation.valid:
         for line in summary.validation.lines():
             typer.echo(line)
         raise InvalidBIDSError("the sample dataset does not validate; delete it and run the demo again")
+    summary.raise_for_failures()
 
 
 @app.command("info")
@@ -243,9 +251,109 @@ def segment_command(
     )
 
 
+@app.command("qc")
+def qc_command(
+    labels: Path = typer.Argument(..., help="Segmentation: OUT.ome.zarr (flattened view + overlap layers) or a label TIFF."),
+    image: Path = typer.Argument(..., help="The slide the labels were made from (OME-TIFF / TIFF / OME-Zarr)."),
+    output: Path = typer.Option(..., "-o", "--output", help="QC report to write (JSON, schemas/qc_report.schema.json)."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model folder: rerun its heads on every tile for scores and head agreement."
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="QC thresholds, JSON or TOML (schemas/qc_config.schema.json); bad keys/values exit 64."
+    ),
+    table: Optional[Path] = typer.Option(None, "--table", help="Per-nucleus TSV (default: found beside the labels)."),
+    nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (with --model)."),
+) -> None:
+    """Diagnose a segmentation without ground truth: per-tile and per-slide QC, pass/warn/fail with reasons.
+
+    Exit codes: 0 report written (whatever the status), 64 bad option or QC config, 65 bad data (labels not integer, labels and image of different shapes), 66 missing input, 73 cannot write.
+    """
+    from nuclei_app.qc import write_qc_report
+
+    result = write_qc_report(
+        labels, image, output, model_dir=model, config_path=config, table_path=table,
+        nuclear_channels=nuclear_channels, device=device,
+    )
+    report = result.report
+    codes = ", ".join(reason["code"] for reason in report["reasons"])
+    slide = report["slide"]
+    typer.echo(
+        f"status: {report['status']}{f' ({codes})' if codes else ''}; {slide['n_nuclei']} nuclei, "
+        f"{slide['n_tiles_analysed']} tiles analysed, {slide['n_flagged_tiles']} flagged -> {output}"
+    )
+
+
+@app.command("run")
+def run_command(
+    bids_dir: Path = typer.Argument(..., help="Root folder of the input BIDS microscopy dataset (read only)."),
+    output_dir: Path = typer.Argument(..., help="The BIDS derivative folder to write (not BIDS_DIR, nor inside it)."),
+    analysis_level: str = typer.Argument(..., help="train, participant or group."),
+    participant_label: Optional[list[str]] = typer.Option(
+        None, "--participant-label", help="Participant(s) to process: 01, sub-01, '01 02', 01,02, or @FILE (one per line). Repeatable."
+    ),
+    session_label: Optional[list[str]] = typer.Option(None, "--session-label", help="Session(s), as --participant-label."),
+    sample_label: Optional[list[str]] = typer.Option(None, "--sample-label", help="Sample(s), as --participant-label."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Intermediate files (default: OUTPUT_DIR/.work)."),
+    nprocs: Optional[int] = typer.Option(None, "--nprocs", help="Dask worker processes per slide (default 1: in-process)."),
+    mem: Optional[str] = typer.Option(None, "--mem", help="Total memory of the Dask workers, e.g. 8GB (dask memory_limit)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model size: tiny (default), small, paper."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Use this model folder instead of OUTPUT_DIR/models/<id> (participant)."),
+    nuclear_channels: Optional[str] = typer.Option(None, "--nuclear-channels", help="Comma-separated nuclear channel names (default: auto)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    skip_bids_validation: Optional[bool] = typer.Option(
+        None, "--skip-bids-validation", help="Do not validate the input dataset first."
+    ),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Skip finished work (default: on)."),
+    dask_scheduler: Optional[str] = typer.Option(
+        None, "--dask-scheduler", help="Existing Dask scheduler for the tiles, e.g. tcp://HOST:8786 (dask-jobqueue)."
+    ),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Training: RoI heads (default 3)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Training: self-training rounds after round 0 (default 2)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Training: time budget in minutes (default 12)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training: optimizer steps of round 0 (default: the preset's)."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Segmentation tile side in pixels (default 512)."),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="Segmentation tile overlap in pixels (default 64)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per predictor call (default 4)."),
+    qc_config: Optional[Path] = typer.Option(None, "--qc-config", help="QC thresholds file (schemas/qc_config.schema.json)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="Settings file, JSON or TOML (schemas/run_config.schema.json); options given here override it."
+    ),
+) -> None:
+    """The BIDS App: train a dataset model, segment each participant's slides, or aggregate QC over the group.
+
+    Also callable as `nuclei-app BIDS_DIR OUTPUT_DIR LEVEL ...` (the container entry point).
+    Exit codes: 0 ok, 1 some slides failed (the others are done; see OUTPUT_DIR/logs), 16 invalid BIDS input,
+    17 unknown level, 18 the filters select nothing, 64 usage (bad option or config; OUTPUT_DIR inside BIDS_DIR),
+    65 bad data, 66 missing input, 73 cannot create output, 74 I/O error.
+    """
+    from nuclei_app.bids_app import build_run_config, read_config_file, run_bids_app
+    from nuclei_app.progress import configure_logging
+
+    configure_logging()
+    overrides = {
+        "participant_label": participant_label, "session_label": session_label, "sample_label": sample_label,
+        "work_dir": None if work_dir is None else str(work_dir), "nprocs": nprocs, "mem": mem, "device": device,
+        "preset": preset, "model": None if model is None else str(model), "nuclear_channels": nuclear_channels,
+        "seed": seed, "skip_bids_validation": skip_bids_validation, "resume": resume, "dask_scheduler": dask_scheduler,
+        "heads": heads, "rounds": rounds, "max_minutes": max_minutes, "steps": steps, "tile": tile, "overlap": overlap,
+        "batch_size": batch_size, "qc_config": None if qc_config is None else str(qc_config),
+    }
+    file_values = read_config_file(config) if config is not None else None
+    result = run_bids_app(bids_dir, output_dir, analysis_level, build_run_config(file_values, overrides))
+    for line in result.lines():
+        typer.echo(line)
+    result.raise_for_failures()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the typer app, turning user errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    from nuclei_app.bids_app import bids_app_argv  # `nuclei-app BIDS_DIR OUTPUT_DIR LEVEL` (BIDS Apps) -> `run ...`
+
+    args = bids_app_argv(args, [command.name for command in app.registered_commands])
     try:
         app(args=args, prog_name="nuclei-app", standalone_mode=False)
     except NucleiAppError as error:

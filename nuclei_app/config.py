@@ -23,6 +23,7 @@ class ModelPreset:
     name: str
     backbone: str  # "slim" (residual blocks sized below) or "resnet50"
     stem_channels: int
+    stem_stride: int  # 2 skips full-resolution convolutions (most of the CPU cost at canonical scale)
     stage_channels: tuple[int, ...]  # one residual stage each, stride 2 each; FPN uses the last len(anchor_sizes)
     fpn_channels: int
     anchor_sizes: tuple[tuple[int, ...], ...]  # per FPN level, in canonical pixels
@@ -45,13 +46,14 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    # Designed for a 2-core CPU: two residual stages to stride 8, 32-channel FPN,
-    # RoIs pooled from the stride-4 level only (nuclei are small at canonical scale).
+    # Designed for a 2-core CPU: a stride-2 stem and two residual stages (strides 4 and 8),
+    # 32-channel FPN, RoIs pooled from the stride-4 level only (nuclei are small at canonical scale).
     "tiny": ModelPreset(
         name="tiny",
         backbone="slim",
         stem_channels=16,
-        stage_channels=(24, 32, 48),
+        stem_stride=2,
+        stage_channels=(32, 48),
         fpn_channels=32,
         anchor_sizes=((8, 14), (20, 32)),
         aspect_ratios=(0.6, 1.0, 1.6),
@@ -75,6 +77,7 @@ PRESETS: dict[str, ModelPreset] = {
         name="small",
         backbone="slim",
         stem_channels=32,
+        stem_stride=1,
         stage_channels=(32, 64, 96),
         fpn_channels=64,
         anchor_sizes=((8, 14), (20, 32)),
@@ -100,6 +103,7 @@ PRESETS: dict[str, ModelPreset] = {
         name="paper",
         backbone="resnet50",
         stem_channels=64,
+        stem_stride=2,
         stage_channels=(256, 512, 1024, 2048),
         fpn_channels=256,
         anchor_sizes=((16,), (32,), (64,), (128,), (256,)),
@@ -144,11 +148,13 @@ class TrainingConfig:
     device: str = "cpu"
     weak_methods: tuple[str, ...] = ("log", "otsu")  # head k learns from weak_methods[k % len]
     min_teacher_confidence: float = 0.35  # weaker teacher objects become "ignore", not background
+    teacher_agreement: bool = True  # objects one weak labeler disputes lose confidence (see train.cross_checked)
     bootstrap_ignore_fraction: float = 0.15  # per head, this share of objects is hidden (ignored) for diversity
     correction_score: float = 0.75  # student objects at least this confident may replace the teacher's
     correction_agreement: float = 0.6  # ... and at least this much head agreement
     expansion_score: float = 0.8  # confident student objects where the teacher had none are added
-    removal_score: float = 0.2  # teacher objects the student scores below this become "ignore"
+    removal_score: float = 0.2  # teacher objects the student scores below this become "ignore" ...
+    removal_max_teacher_confidence: float = 0.5  # ... unless the teacher itself was at least this sure
     convergence_fraction: float = 0.02  # stop when fewer pseudo-labels than this share change
     max_training_tiles: int = 64
     training_tile_size: int = 512  # tiles sampled from large slides, in slide pixels

@@ -28,7 +28,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.resnet import BasicBlock
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
 from nuclei_app.config import ModelPreset
@@ -57,7 +57,7 @@ class EfficientChannelAttention(nn.Module):
 class SlimBackbone(nn.Module):
     """A shallow residual network for nuclei at canonical scale, with an FPN and ECA on every level.
 
-    Stem (stride 1) then one torchvision `BasicBlock` per stage, each halving resolution.
+    Stem (stride 1 or 2) then one torchvision `BasicBlock` per stage, each halving resolution.
     The last ``n_levels`` stages feed a `FeaturePyramidNetwork`.
     """
 
@@ -65,7 +65,7 @@ class SlimBackbone(nn.Module):
         super().__init__()
         self.input_attention = EfficientChannelAttention(in_channels) if use_eca else nn.Identity()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, preset.stem_channels, 3, padding=1, bias=False),
+            nn.Conv2d(in_channels, preset.stem_channels, 3, stride=preset.stem_stride, padding=1, bias=False),
             nn.BatchNorm2d(preset.stem_channels),
             nn.ReLU(inplace=True),
         )
@@ -383,10 +383,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def box_iou_matrix(a: Tensor, b: Tensor) -> Tensor:
-    return box_iou(a, b)
-
-
 # ----------------------------------------------------------------------------- saved models and inference
 
 WEIGHTS_FILE = "weights.pt"
@@ -490,7 +486,7 @@ class NucleiPredictor:
                 output.append(Instances.empty((tile_h, tile_w)))
                 continue
             masks = paste_masks_in_image(result.mask_probs[inside][:, None].cpu(), boxes, (tile_h, tile_w))[:, 0] > 0.5
-            nonempty = masks.flatten(1).sum(1) > 0
+            nonempty = masks.flatten(1).any(1)
             output.append(Instances(masks[nonempty].numpy(), result.scores[inside][nonempty].cpu().numpy(),
                                     result.head_agreement[inside][nonempty].cpu().numpy()))
         return output

@@ -764,6 +764,15 @@ def _alias_group(normalised: str) -> str | None:
     return None
 
 
+def stain_key(channel_name: str) -> str:
+    """What a channel name stains, for comparing panels: "DAPI", "Hoechst 33342" -> "dapi".
+
+    The alias group for known nuclear stains, else the normalised name.
+    """
+    normalised = _normalise_channel_name(channel_name)
+    return _alias_group(normalised) or normalised
+
+
 def select_nuclear_channels(
     channel_names: Sequence[str],
     requested: str | Sequence[str] | None = None,
@@ -873,3 +882,15 @@ def channel_percentiles(
     data = data.astype(np.float32, copy=False)
     result = np.nanpercentile(data, [low, high], axis=1).T if data.size else np.zeros((len(channel_list), 2))
     return np.asarray(result, dtype=np.float32)
+
+
+def normalise_intensities(raw: np.ndarray, percentiles: np.ndarray) -> np.ndarray:
+    """Map each channel of (C, H, W) so its whole-slide low/high percentiles go to 0/1.
+
+    Returns float32, NaN -> 0, clipped to [0, 1.5] (bright nuclei keep some headroom).
+    The model is trained and applied with this one mapping, so tiles of a slide agree.
+    """
+    low = np.asarray(percentiles, dtype=np.float32)[:, 0][:, None, None]
+    high = np.asarray(percentiles, dtype=np.float32)[:, 1][:, None, None]
+    scaled = (raw.astype(np.float32) - low) / np.maximum(high - low, 1e-6)
+    return np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.5)

@@ -44,17 +44,19 @@ from nuclei_app.errors import (
     UsageError,
 )
 from nuclei_app.instances import Instances
+from nuclei_app.provenance import path_sha256
+from nuclei_app.read import normalise_intensities
 from nuclei_app.progress import get_logger, progress_reporter
+from nuclei_app.weak import signal_autocorrelation
 from nuclei_app.stitch import Box, SlideStitcher, TileCandidates, paint_region, tile_candidates
 
 log = get_logger("nuclei_app.segment")
 
 #: File inside a finished output folder that vouches for it; written last.
 RUN_RECORD_NAME = "nuclei-app_run.json"
-#: Otsu's effectiveness (between-class / total variance of the smoothed composite) needed
-#: to call anything tissue: pure camera noise (Gaussian or Poisson) scores 2/pi ~ 0.64,
-#: stained nuclei on a dark background 0.7 to 1.
-MIN_TISSUE_SEPARABILITY = 0.68
+#: Lag-1 spatial autocorrelation of the nuclear composite needed to call anything tissue:
+#: pure camera noise scores about 0, stained nuclei (blobs several pixels wide) 0.5 to 1.
+MIN_TISSUE_AUTOCORRELATION = 0.2
 #: Side (pixels) the level used for tissue detection should at least have.
 TISSUE_LEVEL_MIN_SIDE = 256
 
@@ -80,7 +82,8 @@ class PredictorSpec:
     device : str
         ``"cpu"``, ``"cuda"`` or ``"auto"`` (model only).
     diameter : float, optional
-        Nucleus diameter in pixels for the weak labeler; `segment_slide` estimates it once
+        Nucleus diameter in pixels (weak labeler; a model when the pixel size cannot give its
+        scale); `segment_slide` estimates it once
         per slide when absent, so every tile uses the same scale.
     """
 
@@ -148,7 +151,7 @@ def estimate_slide_diameter(
     estimates = []
     for index in picks:
         y0, x0, y1, x1 = windows[index]
-        tile = normalise_tile(slide.read_region(y0, x0, y1 - y0, x1 - x0, channels=channels), percentiles)
+        tile = normalise_intensities(slide.read_region(y0, x0, y1 - y0, x1 - x0, channels=channels), percentiles)
         identity = np.tile(np.asarray([[0.0, 1.0]], dtype=np.float32), (tile.shape[0], 1))
         estimates.append(estimate_nucleus_diameter(nuclear_composite(tile, identity), slide.pixel_size_um))
     return round(float(np.median(estimates)), 2)
@@ -158,12 +161,14 @@ _PREDICTORS: dict[tuple, Any] = {}
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is usable, else ``"cpu"``; others unchanged."""
-    if device != "auto":
-        return device
+    """``"auto"`` -> ``"cuda"`` when a GPU is usable, else ``"cpu"``; ``"cuda"`` without one is a usage error."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
 
 
 def get_predictor(spec: PredictorSpec, pixel_size_um: tuple[float, float] | None) -> Any:
@@ -175,7 +180,9 @@ def get_predictor(spec: PredictorSpec, pixel_size_um: tuple[float, float] | None
         else:
             from nuclei_app.model import load_predictor
 
-            _PREDICTORS[key] = load_predictor(spec.model_dir, device=resolve_device(spec.device), pixel_size_um=key[1])
+            _PREDICTORS[key] = load_predictor(
+                spec.model_dir, device=resolve_device(spec.device), pixel_size_um=key[1], diameter_px=spec.diameter
+            )
     return _PREDICTORS[key]
 
 
@@ -272,18 +279,6 @@ def make_tile_grid(shape_yx: tuple[int, int], tile: int = 512, overlap: int = 64
     )
 
 
-def normalise_tile(raw: np.ndarray, percentiles: np.ndarray) -> np.ndarray:
-    """Map each channel of (C, H, W) so its slide-wide low/high percentiles go to 0/1.
-
-    The same mapping the model was trained with (`nuclei_app.train.normalise`): float32,
-    NaN -> 0, clipped to [0, 1.5].
-    """
-    low = np.asarray(percentiles, dtype=np.float32)[:, 0][:, None, None]
-    high = np.asarray(percentiles, dtype=np.float32)[:, 1][:, None, None]
-    scaled = (raw.astype(np.float32) - low) / np.maximum(high - low, 1e-6)
-    return np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.5)
-
-
 def tissue_level(level_shapes: Sequence[tuple[int, int, int]], min_side: int = TISSUE_LEVEL_MIN_SIDE) -> int:
     """The smallest pyramid level whose shorter side still has ``min_side`` pixels (else level 0)."""
     chosen = 0
@@ -306,8 +301,8 @@ def tissue_mask_from_image(composite: np.ndarray, dilation: int = 2) -> np.ndarr
     Returns
     -------
     ndarray of bool, shape (Y, X)
-        All False when the image has no contrast worth calling tissue (blank or pure noise:
-        Otsu's split must explain at least `MIN_TISSUE_SEPARABILITY` of the variance).
+        All False when the image has no structure worth calling tissue (blank or pure noise:
+        its spatial autocorrelation is below `MIN_TISSUE_AUTOCORRELATION`).
     """
     from scipy import ndimage
     from skimage.filters import threshold_otsu
@@ -320,13 +315,12 @@ def tissue_mask_from_image(composite: np.ndarray, dilation: int = 2) -> np.ndarr
     smooth = ndimage.gaussian_filter(image, sigma=1.0)
     if float(smooth.max() - smooth.min()) < 1e-4:
         return empty
-    threshold = threshold_otsu(smooth)
-    foreground = smooth > threshold
-    weight = float(foreground.mean())
-    if weight in (0.0, 1.0):
+    # Pure noise has no spatial structure (neighbouring pixels do not agree); stained nuclei do.
+    structure = signal_autocorrelation(image)
+    if structure is None or structure < MIN_TISSUE_AUTOCORRELATION:
         return empty
-    between = weight * (1 - weight) * (smooth[foreground].mean() - smooth[~foreground].mean()) ** 2
-    if between / float(smooth.var()) < MIN_TISSUE_SEPARABILITY:
+    foreground = smooth > threshold_otsu(smooth)
+    if not foreground.any():
         return empty
     return ndimage.binary_dilation(foreground, iterations=max(0, int(dilation))) if dilation else foreground
 
@@ -339,7 +333,7 @@ def tissue_tiles(slide: Any, channels: Sequence[int], percentiles: np.ndarray, g
     ndarray of bool, shape (n_rows, n_cols)
     """
     level = tissue_level(slide.level_shapes)
-    low = normalise_tile(slide.read_level(level, channels), percentiles).mean(axis=0)
+    low = normalise_intensities(slide.read_level(level, channels), percentiles).mean(axis=0)
     factor_y, factor_x = slide.downsample_factor(level)
     # Grow by half the overlap (in low-level pixels) so nuclei at the rim still reach a tile.
     dilation = 1 + math.ceil(grid.overlap / 2 / max(factor_y, factor_x))
@@ -430,7 +424,7 @@ def run_tile_job(job: TileJob) -> list[tuple[tuple[int, int], bytes]]:
     for _, (y0, x0, y1, x1), _ in job.tiles:
         raw = slide.read_region(y0, x0, y1 - y0, x1 - x0)
         raw_windows.append(raw)
-        inputs.append(normalise_tile(raw[list(job.nuclear_channels)], percentiles))
+        inputs.append(normalise_intensities(raw[list(job.nuclear_channels)], percentiles))
     predictions = predictor.predict_batch(inputs)
     if len(predictions) != len(inputs):
         raise BadDataError(
@@ -511,20 +505,6 @@ def _run_on_dask(
 # ======================================================================================
 # Inputs, outputs, resume
 # ======================================================================================
-
-
-def path_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, or of every file below a folder (relative path + bytes, sorted)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def read_run_record(output_path: str | Path) -> dict | None:
@@ -821,7 +801,12 @@ def _segment(
         tissue = tissue_tiles(slide, channels, percentiles, grid)
 
         tissue_positions = [position for position in grid.positions() if tissue[position]]
-        if spec.kind == "weak" and spec.diameter is None:
+        # The weak labeler always needs the slide's nucleus scale; a model needs it when the
+        # physical pixel size cannot map the slide onto the scale it was trained at.
+        model_knows_scale = spec.kind == "model" and bool(
+            slide.pixel_size_um and predictor.card["scale"].get("training_diameter_um")
+        )
+        if spec.diameter is None and not model_knows_scale:
             diameter = estimate_slide_diameter(
                 slide, channels, percentiles, [grid.window(*p) for p in tissue_positions]
             )
@@ -833,7 +818,7 @@ def _segment(
             "predictor": {
                 "kind": spec.kind,
                 "method": spec.method if spec.kind == "weak" else None,
-                "diameter_px": spec.diameter if spec.kind == "weak" else None,
+                "diameter_px": spec.diameter,
             },
             "tile": grid.tile,
             "overlap": grid.overlap,

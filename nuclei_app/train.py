@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from scipy import ndimage
 from nuclei_app import __version__
 from nuclei_app.config import TrainingConfig
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError
+from nuclei_app.provenance import path_sha256, software_versions
+from nuclei_app.read import normalise_intensities
 from nuclei_app.model import (
     MODEL_CARD_FILE,
     TRAINING_REPORT_FILE,
@@ -67,20 +68,6 @@ class TrainingImage:
 # ----------------------------------------------------------------------------- data
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, or of every file below a folder (OME-Zarr) in sorted order."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
     """Resize (C, H, W) float32 by ``scale`` with antialiased bilinear interpolation."""
     if abs(scale - 1.0) < 1e-3:
@@ -88,14 +75,6 @@ def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     size = [max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale))]
     return F.interpolate(tensor, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)[0].numpy()
-
-
-def normalise(raw: np.ndarray, percentiles: np.ndarray) -> np.ndarray:
-    """Map each channel of (C, H, W) so its low/high percentiles go to 0/1; float32, clipped to [0, 1.5]."""
-    low = percentiles[:, 0][:, None, None].astype(np.float32)
-    high = percentiles[:, 1][:, None, None].astype(np.float32)
-    scaled = (raw.astype(np.float32) - low) / np.maximum(high - low, 1e-6)
-    return np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.5)
 
 
 def tissue_tiles(slide, channels: Sequence[int], percentiles: np.ndarray, tile: int, rng: np.random.Generator,
@@ -108,7 +87,7 @@ def tissue_tiles(slide, channels: Sequence[int], percentiles: np.ndarray, tile: 
         if min(slide.level_shapes[candidate][1:]) < 256:
             break
         level = candidate
-    low = normalise(slide.read_level(level, channels), percentiles).mean(0)
+    low = normalise_intensities(slide.read_level(level, channels), percentiles).mean(0)
     fy, fx = slide.downsample_factor(level)
     threshold = threshold_otsu(low) if low.max() > low.min() else np.inf
     tissue = ndimage.binary_dilation(low > threshold, iterations=2)
@@ -136,7 +115,7 @@ def load_training_images(
     Small images are used whole; large slides contribute tiles sampled from tissue.
     Returns the images, the nuclear channel names (identical across inputs) and provenance.
     """
-    from nuclei_app.read import channel_percentiles, open_slide, select_nuclear_channels
+    from nuclei_app.read import channel_percentiles, open_slide, select_nuclear_channels, stain_key
     from nuclei_app.weak import estimate_nucleus_diameter
 
     files = expand_inputs(paths)
@@ -149,7 +128,7 @@ def load_training_images(
             names = [slide.channel_names[i] for i in channels]
             if channel_names is None:
                 channel_names = names
-            elif [n.lower() for n in names] != [n.lower() for n in channel_names]:
+            elif [stain_key(n) for n in names] != [stain_key(n) for n in channel_names]:
                 raise BadDataError(
                     f"nuclear channels {names} differ from the first input's {channel_names}; "
                     "pass --nuclear-channels so every input offers the same stains",
@@ -162,11 +141,11 @@ def load_training_images(
                 regions = [(0, 0, height, width)]
             else:
                 regions = tissue_tiles(slide, channels, percentiles, config.training_tile_size, rng, per_slide_tiles)
-            raw_regions = [normalise(slide.read_region(*region, channels=channels), percentiles) for region in regions]
+            raw_regions = [normalise_intensities(slide.read_region(*region, channels=channels), percentiles) for region in regions]
             provenance.append(
                 {
                     "path": str(path),
-                    "sha256": file_sha256(path),
+                    "sha256": path_sha256(path),
                     "shape": list(slide.shape),
                     "channels": names,
                     "pixel_size_um": list(pixel_size) if pixel_size else None,
@@ -223,12 +202,44 @@ def weak_pseudo_labels(images: list[TrainingImage], config: TrainingConfig) -> N
             result = weak_labels(item.image, method=method, diameter=diameter, percentiles=identity)
             confidence = np.concatenate([[0.0], result.confidence]).astype(np.float32)
             per_method[method] = (result.labels.astype(np.uint32), confidence, result.ignore.astype(bool))
+        if config.teacher_agreement and len(per_method) > 1:
+            per_method = {method: cross_checked(view, [v for m, v in per_method.items() if m != method])
+                          for method, view in per_method.items()}
         item.labels, item.confidence, item.ignore = per_method[config.weak_methods[0]]
         item.views = [
             _bootstrap_view(*per_method[config.weak_methods[k % len(config.weak_methods)]], config,
                             seed=(config.seed, image_index, k))
             for k in range(config.heads)
         ]
+
+
+def cross_checked(view: tuple, others: list[tuple]) -> tuple:
+    """One teacher's labels checked against the other teachers'.
+
+    An object another teacher also found (IoU >= 0.5) keeps its confidence; a disputed one
+    has it halved (so an unsure disputed object ends up "ignore"); nuclei only the other
+    teachers found become "ignore" rather than background in this view.
+
+    view, others : (labels uint32 (H, W), confidence float32 (n+1,), ignore bool (H, W)).
+    """
+    from nuclei_app.evaluate import iou_matrix
+
+    labels, confidence, ignore = view
+    confidence = confidence.copy()
+    ignore = ignore.copy()
+    for other_labels, _, _ in others:
+        iou, own_ids, other_ids = iou_matrix(labels, other_labels)
+        if not len(own_ids):
+            ignore |= other_labels > 0
+            continue
+        agreed_own = iou.max(axis=1) >= 0.5 if iou.size else np.zeros(len(own_ids), bool)
+        confidence[own_ids[~agreed_own]] *= 0.5
+        if len(other_ids):
+            agreed_other = iou.max(axis=0) >= 0.5 if iou.size else np.zeros(len(other_ids), bool)
+            disputed = np.zeros(int(other_labels.max()) + 1, dtype=bool)
+            disputed[other_ids[~agreed_other]] = True
+            ignore |= disputed[other_labels] & (labels == 0)
+    return labels, confidence, ignore
 
 
 def _bootstrap_view(labels, confidence, ignore, config: TrainingConfig, seed) -> tuple:
@@ -484,7 +495,8 @@ def refine_pseudo_labels(
     if config.use_correction and len(teacher_ids):
         support = (iou >= 0.3) & (student_score[student_ids][:, None] >= config.removal_score) if iou.size else None
         supported = support.any(axis=0) if support is not None else np.zeros(len(teacher_ids), bool)
-        remove_teacher = ~supported & ~replace_teacher & (teacher_confidence[teacher_ids] < 0.9)
+        unsure_teacher = teacher_confidence[teacher_ids] < config.removal_max_teacher_confidence
+        remove_teacher = ~supported & ~replace_teacher & unsure_teacher
         stats.removed = int(remove_teacher.sum())
     if config.use_expansion and len(student_ids):
         overlap_t = intersection.sum(axis=1) / np.maximum(a_s[:, 0], 1) if iou.size else np.zeros(len(student_ids))
@@ -533,17 +545,6 @@ class TrainingResult:
     model: MultiHeadMaskRCNN
     card: dict
     report: dict
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        from nuclei_app.errors import UsageError
-
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return device
 
 
 def _seed_everything(seed: int) -> None:
@@ -624,6 +625,8 @@ def train_model(
     started = time.time()
     output_dir = Path(output_dir)
     _check_writable_output(output_dir)
+    from nuclei_app.segment import resolve_device
+
     device = resolve_device(config.device)
     _seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -659,9 +662,12 @@ def train_model(
         # Later rounds fine-tune; the round's remaining share of the time budget caps it.
         round_deadline = min(deadline, time.monotonic() + _round_share(round_index, config) * config.max_minutes * 60)
 
-        def on_step(step: int, total: int, loss: float, _round=round_index) -> None:
-            if step % 50 == 0 or step == total - 1:
-                say(f"round {_round} step {step + 1}/{total} loss {loss:.3f}")
+        recent: list[float] = []
+
+        def on_step(step: int, total: int, loss: float, _round=round_index, _recent=recent) -> None:
+            _recent.append(loss)
+            if (step + 1) % 50 == 0 or step == total - 1:
+                say(f"round {_round} step {step + 1}/{total} mean loss {np.mean(_recent[-50:]):.3f}")
 
         losses, done, round_timed_out = _train_steps(model, images, config, steps, rng, device, round_deadline,
                                                      on_step)
@@ -747,12 +753,7 @@ def train_model(
             "human_labels_used": False,
         },
         "weights": {"file": WEIGHTS_FILE, "sha256": weights_hash.hexdigest()},
-        "software": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": __import__("torchvision").__version__,
-            "numpy": np.__version__,
-        },
+        "software": software_versions(),
     }
     report = {
         "model_id": model_id,
@@ -823,13 +824,14 @@ def _jsonable(values: dict) -> dict:
 
 
 def predict_native_labels(model: MultiHeadMaskRCNN, image: np.ndarray, scale: float, device: str = "cpu",
-                          flips: tuple[str, ...] = ("none", "h")) -> np.ndarray:
+                          flips: tuple[str, ...] = ("none", "h"), score_threshold: float = 0.5) -> np.ndarray:
     """Label a normalised image (C, H, W) at its own resolution: resize by ``scale``, predict, resize back.
 
     Returns uint32 (H, W). For scoring whole images against ground truth (benchmarks, tests);
     slides go through `nuclei_app.segment`, which tiles, stitches and streams.
     """
-    labels, _, _ = predict_label_image(model, rescale_image(image, scale), flips=flips, device=device)
+    labels, _, _ = predict_label_image(model, rescale_image(image, scale), flips=flips, device=device,
+                                       score_threshold=score_threshold)
     rows = np.minimum((np.arange(image.shape[1]) * scale).astype(int), labels.shape[0] - 1)
     cols = np.minimum((np.arange(image.shape[2]) * scale).astype(int), labels.shape[1] - 1)
     return labels[np.ix_(rows, cols)]

@@ -58,3 +58,23 @@ def run_cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return invoke
+
+
+SAMPLE_IMAGE = REPO_ROOT / "nuclei_app" / "sample_assets" / "dsb_0ea221716cf1_img.tif"
+SAMPLE_MASKS = REPO_ROOT / "nuclei_app" / "sample_assets" / "dsb_0ea221716cf1_masks.tif"
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory) -> Path:
+    """A tiny student trained once per test session on the packaged real image (CC0 DSB2018).
+
+    Long enough (150 steps, ~1-2 min on 2 cores) to find most nuclei, so tests that need a
+    model that works (seams, QC, the BIDS app) are not passing on an empty prediction.
+    """
+    from nuclei_app.config import TrainingConfig
+    from nuclei_app.train import train_model
+
+    model_dir = tmp_path_factory.mktemp("session-model") / "tiny"
+    config = TrainingConfig(rounds=0, steps_per_round=150, heads=2, seed=0, max_minutes=30, device="cpu")
+    train_model([SAMPLE_IMAGE], model_dir, config)
+    return model_dir

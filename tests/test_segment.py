@@ -18,7 +18,7 @@ import zarr
 
 from nuclei_app.errors import ExitCode
 from nuclei_app.evaluate import score_instances
-from nuclei_app.read import open_slide
+from nuclei_app.read import channel_percentiles, normalise_intensities, open_slide
 from nuclei_app.sample_data import synthesize_slide
 from nuclei_app.schemas import schema_errors
 from nuclei_app.segment import (
@@ -26,7 +26,6 @@ from nuclei_app.segment import (
     PredictorSpec,
     WeakPredictor,
     make_tile_grid,
-    normalise_tile,
     read_run_record,
     segment_slide,
     tissue_mask_from_image,
@@ -162,7 +161,7 @@ def test_tiled_output_agrees_with_whole_image_inference(slide, baseline):
     percentiles = np.asarray(record["parameters"]["percentiles"], np.float32)
     diameter = record["parameters"]["predictor"]["diameter_px"]
     with open_slide(slide) as opened:
-        image = normalise_tile(opened.read_level(0, [0, 1]), percentiles)
+        image = normalise_intensities(opened.read_level(0, [0, 1]), percentiles)
     whole = WeakPredictor("log", (0.5, 0.5), diameter).predict_batch([image])[0].to_label_image()
     group = zarr.open_group(str(baseline.output_path), mode="r")
     flat = np.asarray(group["labels/nuclei/0"])
@@ -436,3 +435,28 @@ def test_model_segments_a_slide_through_the_cli(run_cli, tiny_model, slide, tmp_
     assert [entry["path"] for entry in record["inputs"]][1] == str(tiny_model.resolve())
     table = read_nuclei_table(tmp_path / "model.tsv")
     assert table["label"].size == record["summary"]["n_nuclei"]
+
+
+@pytest.mark.slow
+def test_tiled_model_output_agrees_with_whole_image_inference_of_the_same_model(trained_model_dir, tmp_path):
+    """The issue's seam test with a trained student: 3 x 4 tiles vs one whole-image pass."""
+    from nuclei_app.labels import read_labels
+    from nuclei_app.model import load_predictor
+
+    from conftest import SAMPLE_IMAGE
+
+    raw = tifffile.imread(SAMPLE_IMAGE)
+    path = tmp_path / "real.tif"
+    tifffile.imwrite(path, raw)
+    out = tmp_path / "tiled.ome.zarr"
+    result = segment_slide(path, out, PredictorSpec("model", model_dir=str(trained_model_dir)), tile=256,
+                           overlap=96, progress=False)
+    tiled = read_labels(out)
+    with open_slide(path) as opened:
+        percentiles = channel_percentiles(opened, [0])
+        image = normalise_intensities(opened.read_level(0, [0]), percentiles)
+    diameter = read_run_record(out)["parameters"]["predictor"]["diameter_px"]
+    whole = load_predictor(trained_model_dir, diameter_px=diameter).predict_batch([image])[0].to_label_image()
+    assert result.n_tiles >= 6
+    assert whole.max() > 100, "the session model should find most of the ~370 nuclei"
+    assert score_instances(tiled, whole)["f1_50"] >= 0.99

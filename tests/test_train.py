@@ -175,8 +175,18 @@ def test_refinement_turns_unsupported_teacher_objects_into_ignore():
     teacher = _labels(shape, [((30, 20), 8), ((30, 60), 8)])
     student = _labels(shape, [((30, 20), 8)])
     labels, _, ignore, stats = refine_pseudo_labels(
-        teacher, _confident(2, 0.5), student, _confident(1), _confident(1, 0.9), TrainingConfig()
+        teacher, _confident(2, 0.4), student, _confident(1), _confident(1, 0.9), TrainingConfig()
     )
     assert stats.removed == 1
     assert labels.max() == 1
     assert ignore[30, 60] and not ignore[30, 20]
+
+
+def test_refinement_keeps_unsupported_teacher_objects_the_teacher_was_sure_of():
+    shape = (64, 96)
+    teacher = _labels(shape, [((30, 20), 8), ((30, 60), 8)])
+    student = _labels(shape, [((30, 20), 8)])
+    labels, _, _, stats = refine_pseudo_labels(
+        teacher, _confident(2, 0.9), student, _confident(1), _confident(1, 0.9), TrainingConfig()
+    )
+    assert stats.removed == 0 and labels.max() == 2
