@@ -61,12 +61,12 @@ PRESETS: dict[str, ModelPreset] = {
         mask_head_layers=(32, 32),
         rpn_pre_nms_train=600,
         rpn_post_nms_train=200,
-        rpn_pre_nms_test=1000,
-        rpn_post_nms_test=500,
+        rpn_pre_nms_test=2000,
+        rpn_post_nms_test=1000,
         rpn_batch_per_image=128,
         roi_batch_per_image=64,
         roi_positive_fraction=0.25,
-        detections_per_image=400,
+        detections_per_image=500,
         canonical_diameter=16.0,
         crop_size=160,
         batch_size=4,
@@ -146,7 +146,7 @@ class TrainingConfig:
     steps_per_round: int | None = None  # None: the preset's default, shortened to fit max_minutes
     seed: int = 0
     device: str = "cpu"
-    weak_methods: tuple[str, ...] = ("log", "otsu")  # head k learns from weak_methods[k % len]
+    weak_methods: tuple[str, ...] = ("otsu", "log")  # head k learns from weak_methods[k % len]; first = base view
     min_teacher_confidence: float = 0.35  # weaker teacher objects become "ignore", not background
     teacher_agreement: bool = True  # objects one weak labeler disputes lose confidence (see train.cross_checked)
     bootstrap_ignore_fraction: float = 0.15  # per head, this share of objects is hidden (ignored) for diversity

@@ -34,24 +34,43 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 from nuclei_app.config import ModelPreset
 
 MASK_SIZE = 28  # side of the mask head's output grid
+SCALE_GRID = 8  # resize factors are multiples of 1/8 (see load_predictor)
+PROPOSAL_BUDGET_AREA = 256 * 256  # canonical pixels the presets' test-time proposal/detection budgets are for
 
 
 class EfficientChannelAttention(nn.Module):
-    """ECA (Wang et al., CVPR 2020): global pooling, 1-D convolution across channels, sigmoid gate.
+    """ECA (Wang et al., CVPR 2020): average pooling, 1-D convolution across channels, sigmoid gate.
 
     The kernel size adapts to the channel count: k = |(log2(C) + b) / gamma|, made odd.
+    With ``window`` (odd, in feature cells) the pooling is a local average instead of a
+    global one: a whole slide is segmented tile by tile, and a gate computed from each
+    tile's global mean would make the same nucleus look different in different tiles.
     """
 
-    def __init__(self, channels: int, gamma: float = 2.0, b: float = 1.0) -> None:
+    def __init__(self, channels: int, gamma: float = 2.0, b: float = 1.0, window: int | None = None) -> None:
         super().__init__()
         t = int(abs((math.log2(max(channels, 1)) + b) / gamma))
         kernel = max(t if t % 2 else t + 1, 1)
         self.conv = nn.Conv1d(1, 1, kernel_size=kernel, padding=kernel // 2, bias=False)
+        self.window = None if window is None else max(1, window | 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        weights = x.mean(dim=(2, 3)).unsqueeze(1)  # (B, 1, C)
-        weights = torch.sigmoid(self.conv(weights)).squeeze(1)  # (B, C)
-        return x * weights[:, :, None, None]
+        if self.window is None:
+            pooled = x.mean(dim=(2, 3), keepdim=True)
+        else:
+            pooled = F.avg_pool2d(x, self.window, stride=1, padding=self.window // 2, count_include_pad=False)
+        batch, channels, height, width = pooled.shape
+        descriptors = pooled.permute(0, 2, 3, 1).reshape(-1, 1, channels)  # one channel vector per position
+        gates = torch.sigmoid(self.conv(descriptors)).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return x * gates
+
+
+ECA_WINDOW_PX = 64  # canonical pixels (about four nuclei) the channel attention pools over
+
+
+def _eca(channels: int, stride: int, use_eca: bool) -> nn.Module:
+    """ECA pooling over ~ECA_WINDOW_PX canonical pixels at a feature map of the given stride."""
+    return EfficientChannelAttention(channels, window=max(1, ECA_WINDOW_PX // stride)) if use_eca else nn.Identity()
 
 
 class SlimBackbone(nn.Module):
@@ -63,7 +82,7 @@ class SlimBackbone(nn.Module):
 
     def __init__(self, in_channels: int, preset: ModelPreset, use_eca: bool) -> None:
         super().__init__()
-        self.input_attention = EfficientChannelAttention(in_channels) if use_eca else nn.Identity()
+        self.input_attention = _eca(in_channels, 1, use_eca)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, preset.stem_channels, 3, stride=preset.stem_stride, padding=1, bias=False),
             nn.BatchNorm2d(preset.stem_channels),
@@ -79,8 +98,9 @@ class SlimBackbone(nn.Module):
         self.n_levels = len(preset.anchor_sizes)
         feature_widths = list(preset.stage_channels[-self.n_levels :])
         self.fpn = FeaturePyramidNetwork(feature_widths, preset.fpn_channels)
+        first_stride = preset.stem_stride * 2 ** (len(preset.stage_channels) - self.n_levels + 1)
         self.level_attention = nn.ModuleList(
-            EfficientChannelAttention(preset.fpn_channels) if use_eca else nn.Identity() for _ in feature_widths
+            _eca(preset.fpn_channels, first_stride * 2**level, use_eca) for level in range(len(feature_widths))
         )
         self.out_channels = preset.fpn_channels
 
@@ -106,10 +126,9 @@ class ResNetFPNWithECA(nn.Module):
         self.body = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5)
         if in_channels != 3:
             self.body.body.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.input_attention = EfficientChannelAttention(in_channels) if use_eca else nn.Identity()
+        self.input_attention = _eca(in_channels, 1, use_eca)
         self.level_attention = nn.ModuleList(
-            EfficientChannelAttention(preset.fpn_channels) if use_eca else nn.Identity()
-            for _ in preset.anchor_sizes
+            _eca(preset.fpn_channels, 4 * 2**level, use_eca) for level in range(len(preset.anchor_sizes))
         )
         self.out_channels = preset.fpn_channels
 
@@ -303,6 +322,21 @@ class MultiHeadMaskRCNN(nn.Module):
         """Consensus detections for a batch (B, C, H, W) at canonical scale."""
         batch, _, height, width = images.shape
         sizes = [(height, width)] * batch
+        # Proposal and detection budgets are densities (per PROPOSAL_BUDGET_AREA): a whole image
+        # and its tiles then get the same proposals per nucleus, and give the same nuclei.
+        area_factor = max(0.25, height * width / PROPOSAL_BUDGET_AREA)
+        base_pre, base_post = self.rpn._pre_nms_top_n["testing"], self.rpn._post_nms_top_n["testing"]
+        self.rpn._pre_nms_top_n["testing"] = int(base_pre * area_factor)
+        self.rpn._post_nms_top_n["testing"] = int(base_post * area_factor)
+        try:
+            return self._predict(images, flips, score_threshold, nms_threshold, min_size,
+                                 int(self.preset.detections_per_image * area_factor))
+        finally:
+            self.rpn._pre_nms_top_n["testing"], self.rpn._post_nms_top_n["testing"] = base_pre, base_post
+
+    def _predict(self, images, flips, score_threshold, nms_threshold, min_size, max_detections):
+        batch, _, height, width = images.shape
+        sizes = [(height, width)] * batch
         # Pass 1: for every flip, score and box every proposal with every head.
         candidates: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(batch)]
         flip_features = {}
@@ -336,7 +370,7 @@ class MultiHeadMaskRCNN(nn.Module):
             keep = torch.where(scores >= score_threshold)[0]
             keep = keep[remove_small_boxes(boxes[keep], min_size)]
             keep = keep[batched_nms(boxes[keep], scores[keep], torch.zeros_like(keep), nms_threshold)]
-            keep = keep[: self.preset.detections_per_image]
+            keep = keep[:max_detections]
             boxes, scores, head_scores = boxes[keep], scores[keep], head_scores[:, keep]
             if len(boxes) == 0:
                 empty = torch.zeros((0, MASK_SIZE, MASK_SIZE))
@@ -465,7 +499,7 @@ class NucleiPredictor:
         shapes = [tile.shape[1:] for tile in tiles]
         resized = [
             F.interpolate(torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))[None], scale_factor=self.scale,
-                          mode="bilinear", antialias=self.scale < 1, align_corners=False, recompute_scale_factor=True)[0]
+                          mode="bilinear", antialias=self.scale < 1, align_corners=False, recompute_scale_factor=False)[0]
             if abs(self.scale - 1) > 1e-3 else torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))
             for t in tiles
         ]
@@ -513,4 +547,8 @@ def load_predictor(model_dir, device: str = "cpu", pixel_size_um=None, diameter_
         else:
             diameter_px = scale_info["training_diameter_px"]
     scale = scale_info["canonical_diameter_px"] / max(float(diameter_px), 1.0)
+    # Snap to a multiple of 1/SCALE_GRID: tiles whose origins are multiples of SCALE_GRID slide
+    # pixels then map onto whole canonical pixels, so a nucleus is resampled identically in every
+    # tile that sees it (a few per cent of scale is harmless; a phase shift is not).
+    scale = max(round(scale * SCALE_GRID), 1) / SCALE_GRID
     return NucleiPredictor(model, card, device=device, scale=scale, flips=flips)

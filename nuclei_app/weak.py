@@ -405,6 +405,21 @@ def _is_flat(composite: np.ndarray) -> bool:
 # --------------------------------------------------------------------------- labelers
 
 
+def _prepare_or_empty(
+    composite: np.ndarray, diameter: float | None, pixel_size_um, threshold_scale: float, method: str
+) -> "_Prepared | WeakLabels":
+    """The shared first steps of both labelers, or the empty result (with its warning) when
+    the image is flat or has no foreground."""
+    if _is_flat(composite):
+        return _empty(composite.shape, diameter or 0.0, method, "the image is flat")
+    if diameter is None:
+        diameter = estimate_nucleus_diameter(composite, pixel_size_um)
+    prepared = _prepare(composite, float(diameter), threshold_scale)
+    if prepared is None or not prepared.foreground.any():
+        return _empty(composite.shape, diameter, method, "no foreground above the background")
+    return prepared
+
+
 def log_watershed(
     composite: np.ndarray,
     diameter: float | None = None,
@@ -437,13 +452,10 @@ def log_watershed(
     WeakLabels
     """
     composite = _check_composite(composite)
-    if _is_flat(composite):
-        return _empty(composite.shape, diameter or 0.0, "log", "the image is flat")
-    if diameter is None:
-        diameter = estimate_nucleus_diameter(composite, pixel_size_um)
-    prepared = _prepare(composite, float(diameter), threshold_scale)
-    if prepared is None or not prepared.foreground.any():
-        return _empty(composite.shape, diameter, "log", "no foreground above the background")
+    prepared = _prepare_or_empty(composite, diameter, pixel_size_um, threshold_scale, "log")
+    if isinstance(prepared, WeakLabels):
+        return prepared
+    diameter = prepared.diameter
     factor = prepared.factor
     work = _downsample(prepared.signal, factor)
     sigma = seed_scale * diameter / factor / (2.0 * np.sqrt(2.0))
@@ -492,13 +504,10 @@ def otsu_watershed(
     WeakLabels
     """
     composite = _check_composite(composite)
-    if _is_flat(composite):
-        return _empty(composite.shape, diameter or 0.0, "otsu", "the image is flat")
-    if diameter is None:
-        diameter = estimate_nucleus_diameter(composite, pixel_size_um)
-    prepared = _prepare(composite, float(diameter), threshold_scale)
-    if prepared is None or not prepared.foreground.any():
-        return _empty(composite.shape, diameter, "otsu", "no foreground above the background")
+    prepared = _prepare_or_empty(composite, diameter, pixel_size_um, threshold_scale, "otsu")
+    if isinstance(prepared, WeakLabels):
+        return prepared
+    diameter = prepared.diameter
     factor = prepared.factor
     distance = ndi.distance_transform_edt(prepared.foreground).astype(np.float32)
     # Smooth so that ragged outlines do not make extra maxima.

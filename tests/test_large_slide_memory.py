@@ -39,6 +39,14 @@ CHILD = textwrap.dedent(
             out[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = (yy + xx + 7 * channel) % 251 + 1
         return out
 
+    def peak_rss_bytes():
+        # VmHWM belongs to this process image; ru_maxrss would carry the forking parent's peak over exec.
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     path = sys.argv[1]
     tracemalloc.start()
     start = time.perf_counter()
@@ -61,7 +69,7 @@ CHILD = textwrap.dedent(
                     names=slide.channel_names, pixel_size=list(slide.pixel_size_um))
     read_peak = tracemalloc.get_traced_memory()[1]
     print(json.dumps(dict(info, checks=checks, write_peak=write_peak, read_peak=read_peak,
-                          max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                          max_rss=peak_rss_bytes(),
                           write_seconds=write_seconds)))
     """
 )

@@ -190,3 +190,27 @@ def test_refinement_keeps_unsupported_teacher_objects_the_teacher_was_sure_of():
         teacher, _confident(2, 0.9), student, _confident(1), _confident(1, 0.9), TrainingConfig()
     )
     assert stats.removed == 0 and labels.max() == 2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
+def test_every_preset_builds_from_scratch_and_takes_a_training_step_and_predicts(preset):
+    from nuclei_app.config import get_preset
+    from nuclei_app.model import _integral, build_model
+
+    torch.manual_seed(0)
+    model = build_model(2, get_preset(preset), heads=2)
+    size = 64
+    masks = torch.zeros((1, size, size), dtype=torch.uint8)
+    masks[0, 20:36, 24:40] = 1
+    target = {"boxes": torch.tensor([[24.0, 20.0, 40.0, 36.0]]), "labels": torch.ones(1, dtype=torch.int64),
+              "masks": masks, "ignore_integral": _integral(torch.zeros(size, size))}
+    model.train()
+    losses = model.training_losses(torch.rand(1, 2, size, size), [[target], [target]])
+    total = sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total)
+    assert {name.split("_", 1)[0] for name in losses if name.startswith("head")} == {"head0", "head1"}
+    model.eval()
+    (result,) = model.predict(torch.rand(1, 2, size, size), score_threshold=0.0)
+    assert result.mask_probs.shape[1:] == (28, 28)
+    assert result.head_scores.shape[0] == 2
