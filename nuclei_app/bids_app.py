@@ -522,7 +522,8 @@ class TrainingPlan:
 def plan_training_panel(records: Sequence[Any], requested: str | None = None) -> TrainingPlan:
     """Pick the training slides and channels so that one dataset model covers as many slides as possible.
 
-    Training needs identical nuclear channel names in every input. When no channels are
+    Training needs the same nuclear stains in every input (by stain: DAPI and Hoechst are one,
+    see `nuclei_app.read.stain_key`). When no channels are
     requested and the slides' automatic choices differ, the stain groups every slide offers
     (`nuclei_app.read.NUCLEAR_STAIN_ALIASES`, e.g. DAPI ~ Hoechst) are requested instead;
     the largest set of slides with identical names then trains the model (ties: the set
@@ -533,7 +534,7 @@ def plan_training_panel(records: Sequence[Any], requested: str | None = None) ->
     BadDataError
         No slide offers a usable nuclear channel (the first slide's problem is named).
     """
-    from nuclei_app.read import NUCLEAR_STAIN_ALIASES, open_slide, select_nuclear_channels
+    from nuclei_app.read import NUCLEAR_STAIN_ALIASES, open_slide, select_nuclear_channels, stain_key
 
     channels: dict[int, list[str]] = {}
     excluded: list[tuple[Any, str]] = []
@@ -556,7 +557,7 @@ def plan_training_panel(records: Sequence[Any], requested: str | None = None) ->
     request = requested
     if request is None:
         automatic = {chosen(index, None) for index in channels}
-        if len({None if names is None else tuple(n.lower() for n in names) for names in automatic}) > 1:
+        if len({None if names is None else tuple(stain_key(n) for n in names) for names in automatic}) > 1:
             common = [group for group in NUCLEAR_STAIN_ALIASES if all(chosen(index, group) for index in channels)]
             if common:
                 request = ",".join(common)
@@ -566,7 +567,7 @@ def plan_training_panel(records: Sequence[Any], requested: str | None = None) ->
         if names is None:
             excluded.append((records[index], f"no nuclear channel matches {request or 'the known stain names'} in {channels[index]}"))
             continue
-        groups.setdefault(tuple(n.lower() for n in names), []).append(index)
+        groups.setdefault(tuple(stain_key(n) for n in names), []).append(index)
     if not groups:
         if first_error is not None:
             raise first_error

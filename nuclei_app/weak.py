@@ -368,8 +368,10 @@ def _confidence(labels: np.ndarray, prepared: _Prepared) -> np.ndarray:
     ring_width = max(2, int(round(diameter / 4.0)))
     grown = ndi.grey_dilation(labels, size=(2 * ring_width + 1, 2 * ring_width + 1))
     ring = np.where(labels == 0, grown, 0)
-    outside = np.asarray(ndi.mean(prepared.signal, ring, ids))
-    outside = np.where(np.isfinite(outside), outside, 0.0)
+    # An object with no free ring (enclosed by others) has no local background: use 0.
+    ring_sum = np.bincount(ring.ravel(), weights=prepared.signal.ravel(), minlength=n + 1)[1:]
+    ring_count = np.bincount(ring.ravel(), minlength=n + 1)[1:]
+    outside = np.divide(ring_sum, ring_count, out=np.zeros(n), where=ring_count > 0)
     contrast = np.clip((inside - outside) / (2.0 * max(prepared.threshold, 1e-6)), 0.0, 1.0)
     solidity = np.array([region.solidity for region in regionprops(labels)])
     solidity_score = np.clip((solidity - 0.75) / 0.2, 0.0, 1.0)
