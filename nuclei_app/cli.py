@@ -219,8 +219,12 @@ def segment_command(
     ),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse finished tiles of an interrupted run."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Cache of per-tile results (default: beside the output)."),
+    qc_report: Optional[Path] = typer.Option(
+        None, "--qc", help="Self-diagnosis report to write (default: OUT_qc.json beside the output)."
+    ),
+    skip_qc: bool = typer.Option(False, "--no-qc", help="Do not write the self-diagnosis report."),
 ) -> None:
-    """Segment a whole slide tile by tile: OME-Zarr labels (+ overlap layers), table, GeoJSON."""
+    """Segment a whole slide tile by tile: OME-Zarr labels (+ overlap layers), table, GeoJSON, QC report."""
     from nuclei_app.errors import UsageError
     from nuclei_app.progress import configure_logging
     from nuclei_app.segment import PredictorSpec, segment_slide
@@ -249,6 +253,13 @@ def segment_command(
         f"({result.n_tiles_skipped_empty} without tissue, {result.n_tiles_reused} reused), "
         f"{result.megapixels_per_second:.2f} MP/s of tissue -> {result.output_path}"
     )
+    if not skip_qc:
+        from nuclei_app.qc import write_qc_report
+
+        qc_path = qc_report or output.with_name(output.name.removesuffix(".ome.zarr").removesuffix(".zarr") + "_qc.json")
+        qc = write_qc_report(output, image, qc_path, model_dir=model, table_path=table,
+                             nuclear_channels=nuclear_channels, device=device if device != "auto" else "cpu")
+        typer.echo(f"QC {qc.status} -> {qc.path}")
 
 
 @app.command("qc")

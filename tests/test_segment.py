@@ -267,6 +267,10 @@ def test_cli_segment_with_the_weak_labeler_and_rerun_of_a_finished_output(run_cl
     np.testing.assert_array_equal(
         _label_arrays(out)["nuclei/0"], _label_arrays(baseline.output_path)["nuclei/0"]
     )
+    # every segmentation says how far to trust it: a schema-valid QC report beside the output
+    qc = json.loads((tmp_path / "cli_qc.json").read_text())
+    assert schema_errors(qc, "qc_report") == []
+    assert qc["status"] in ("pass", "warn", "fail") and "QC " in first.stdout
     again = run_cli(*args)  # same inputs and parameters: the finished output is reused
     assert again.exit_code == 0
     assert "nothing to do" in again.stderr
