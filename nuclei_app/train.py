@@ -79,25 +79,20 @@ def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
 
 def tissue_tiles(slide, channels: Sequence[int], percentiles: np.ndarray, tile: int, rng: np.random.Generator,
                  limit: int) -> list[tuple[int, int, int, int]]:
-    """Up to ``limit`` tiles (y0, x0, h, w) of level 0 lying mostly on tissue, drawn at random (seeded)."""
-    from skimage.filters import threshold_otsu
+    """Up to ``limit`` tiles (y0, x0, h, w) of level 0 on tissue, drawn at random (seeded).
 
-    level = slide.n_levels - 1
-    for candidate in range(slide.n_levels):
-        if min(slide.level_shapes[candidate][1:]) < 256:
-            break
-        level = candidate
-    low = normalise_intensities(slide.read_level(level, channels), percentiles).mean(0)
-    fy, fx = slide.downsample_factor(level)
-    threshold = threshold_otsu(low) if low.max() > low.min() else np.inf
-    tissue = ndimage.binary_dilation(low > threshold, iterations=2)
-    _, height, width = slide.shape
+    Tissue is found exactly as segmentation finds it (`nuclei_app.segment.tissue_tiles`), on a
+    grid of non-overlapping tiles.
+    """
+    from nuclei_app import segment
+
+    grid = segment.make_tile_grid(slide.shape[1:], tile=tile, overlap=0)
+    on_tissue = segment.tissue_tiles(slide, channels, percentiles, grid)
     candidates = []
-    for y0 in range(0, max(height - tile, 0) + 1, tile):
-        for x0 in range(0, max(width - tile, 0) + 1, tile):
-            window = tissue[int(y0 / fy) : int((y0 + tile) / fy) + 1, int(x0 / fx) : int((x0 + tile) / fx) + 1]
-            if window.size and window.mean() > 0.1:
-                candidates.append((y0, x0, min(tile, height - y0), min(tile, width - x0)))
+    for row, col in grid.positions():
+        if on_tissue[row, col]:
+            y0, x0, y1, x1 = grid.window(row, col)
+            candidates.append((y0, x0, y1 - y0, x1 - x0))
     if len(candidates) > limit:
         chosen = rng.choice(len(candidates), size=limit, replace=False)
         candidates = [candidates[i] for i in sorted(chosen)]
