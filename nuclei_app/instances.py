@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 
 @dataclass
@@ -88,8 +87,3 @@ class Instances:
             labels[take] = index + 1
             best[take] = self.scores[index]
         return labels
-
-
-def fill_holes(masks: np.ndarray) -> np.ndarray:
-    """Fill holes in each of N masks, shape (N, H, W) bool -> same."""
-    return np.stack([ndimage.binary_fill_holes(mask) for mask in masks]) if len(masks) else masks
