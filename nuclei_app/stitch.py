@@ -219,16 +219,16 @@ def tile_candidates(
     if len(instances) == 0:
         return TileCandidates.empty(n_channels)
 
-    masks = instances.masks
-    areas = masks.reshape(len(masks), -1).sum(axis=1)
-    nonempty = np.flatnonzero(areas > 0)
-    rows_any = masks.any(axis=2)  # (N, h)
-    cols_any = masks.any(axis=1)  # (N, w)
-    grid_y = np.arange(masks.shape[1], dtype=np.float64)
-    grid_x = np.arange(masks.shape[2], dtype=np.float64)
-    safe_area = np.maximum(areas, 1).astype(np.float64)
-    centroid_y = (masks.sum(axis=2) @ grid_y) / safe_area + wy0
-    centroid_x = (masks.sum(axis=1) @ grid_x) / safe_area + wx0
+    boxes = instances.boxes
+    areas = instances.areas()
+    centroid_y = np.zeros(len(instances))
+    centroid_x = np.zeros(len(instances))
+    for index, crop in enumerate(instances.crops):
+        if areas[index]:
+            ys, xs = np.nonzero(crop)
+            centroid_y[index] = ys.mean() + boxes[index, 0] + wy0
+            centroid_x[index] = xs.mean() + boxes[index, 1] + wx0
+    window_height, window_width = instances.shape
 
     # Internal borders get the margin; at the slide border the core already reaches the edge.
     grow_top = margin if cy0 > 0 else 0
@@ -241,10 +241,9 @@ def tile_candidates(
         & (areas > 0)
     )
     in_core = _core_contains(centroid_y, cy0, cy1) & _core_contains(centroid_x, cx0, cx1)
-    chosen = [index for index in nonempty if proposed[index]]
-    if not chosen:
+    chosen = np.flatnonzero(proposed)
+    if len(chosen) == 0:
         return TileCandidates.empty(n_channels)
-    chosen = np.asarray(chosen)
     order = np.lexsort((np.arange(len(chosen)), -instances.scores[chosen], centroid_x[chosen], centroid_y[chosen]))
     chosen = chosen[order]
 
@@ -257,17 +256,15 @@ def tile_candidates(
     bboxes, crops, truncated, edge_distance = [], [], [], []
     solidity, eccentricity, means = [], [], []
     for index in chosen:
-        ys = np.flatnonzero(rows_any[index])
-        xs = np.flatnonzero(cols_any[index])
-        ly0, ly1, lx0, lx1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
-        crop = masks[index, ly0:ly1, lx0:lx1].copy()
+        ly0, lx0, ly1, lx1 = (int(v) for v in boxes[index])
+        crop = instances.crops[index]
         bboxes.append((wy0 + ly0, wx0 + lx0, wy0 + ly1, wx0 + lx1))
         crops.append(crop)
         truncated.append(
             (internal["top"] and ly0 == 0)
-            or (internal["bottom"] and ly1 == masks.shape[1])
+            or (internal["bottom"] and ly1 == window_height)
             or (internal["left"] and lx0 == 0)
-            or (internal["right"] and lx1 == masks.shape[2])
+            or (internal["right"] and lx1 == window_width)
         )
         distances = []
         if internal["top"]:
@@ -413,18 +410,7 @@ def greedy_layers(boxes: np.ndarray, crops: list[np.ndarray]) -> tuple[np.ndarra
 
 def instance_layers(instances: Instances) -> np.ndarray:
     """Layer of every instance (greedy overlap-graph colouring in instance order), int32 (N,)."""
-    boxes, crops = [], []
-    for mask in instances.masks:
-        ys = np.flatnonzero(mask.any(axis=1))
-        xs = np.flatnonzero(mask.any(axis=0))
-        if len(ys) == 0:
-            boxes.append((0, 0, 0, 0))
-            crops.append(np.zeros((0, 0), bool))
-            continue
-        box = (int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1)
-        boxes.append(box)
-        crops.append(mask[box[0] : box[2], box[1] : box[3]])
-    return greedy_layers(np.asarray(boxes, dtype=np.int64).reshape(-1, 4), crops)[0]
+    return greedy_layers(instances.boxes, instances.crops)[0]
 
 
 @dataclass

@@ -38,7 +38,9 @@ from nuclei_app.model import (
     round_up_to_multiple,
     build_model,
     count_parameters,
+    paste_mask_crops,
 )
+from nuclei_app.instances import Instances
 
 log = logging.getLogger(__name__)
 MIN_NUCLEI_TO_TRAIN = 5
@@ -342,8 +344,6 @@ def predict_label_image(
     Returns a uint32 label image (H, W; higher score wins where masks overlap) and, per
     label id (index 0 unused), the consensus score and the head agreement.
     """
-    from torchvision.models.detection.roi_heads import paste_masks_in_image
-
     model.eval()
     _, height, width = image.shape
     labels = np.zeros((height, width), dtype=np.uint32)
@@ -377,13 +377,16 @@ def predict_label_image(
             if not keep.any():
                 continue
             keep_t = torch.from_numpy(np.nonzero(keep)[0])
-            masks = paste_masks_in_image(result.mask_probs[keep_t][:, None].cpu(), result.boxes[keep_t].cpu(),
-                                         padded.shape[1:])[:, 0, :h, :w].numpy() > 0.5
-            for mask, score, agreement in zip(masks, result.scores[keep_t].tolist(),
-                                              result.head_agreement[keep_t].tolist()):
-                window_labels = labels[y0 : y0 + h, x0 : x0 + w]
-                window_best = best[y0 : y0 + h, x0 : x0 + w]
-                take = mask & (score > window_best)
+            mask_boxes, crops = paste_mask_crops(result.mask_probs[keep_t], result.boxes[keep_t])
+            instances = Instances.from_crops((h, w), mask_boxes, crops, result.scores[keep_t].cpu().numpy(),
+                                             result.head_agreement[keep_t].cpu().numpy())
+            for (by0, bx0, by1, bx1), crop, score, agreement in zip(
+                instances.boxes + [y0, x0, y0, x0], instances.crops, instances.scores.tolist(),
+                instances.head_agreement.tolist(),
+            ):
+                window_labels = labels[by0:by1, bx0:bx1]
+                window_best = best[by0:by1, bx0:bx1]
+                take = crop & (score > window_best)
                 if take.sum() < 4:
                     continue
                 scores.append(score)

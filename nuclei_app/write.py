@@ -606,7 +606,8 @@ def write_segmentation_zarr(
         for layer in range(n_layers):
             layer_image = np.zeros(instances.shape, dtype=np.uint32)
             for index in np.flatnonzero(layers == layer):
-                layer_image[instances.masks[index]] = index + 1
+                y0, x0, y1, x1 = instances.boxes[index]
+                layer_image[y0:y1, x0:x1][instances.crops[index]] = index + 1
             writer.write_label_region(layer_label_name(layer), 0, 0, layer_image)
         writer.finish()
     return path
