@@ -17,6 +17,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.resnet import BasicBlock
@@ -36,6 +38,11 @@ from nuclei_app.config import ModelPreset
 MASK_SIZE = 28  # side of the mask head's output grid
 SCALE_GRID = 8  # resize factors are multiples of 1/8 (see load_predictor)
 PROPOSAL_BUDGET_AREA = 256 * 256  # canonical pixels the presets' test-time proposal/detection budgets are for
+# RPN objectness below this is never a proposal at test time. It, not the top-k budgets, must
+# decide what is proposed: a top-k over a tile depends on what else the tile holds, so a tile
+# and a whole-image pass would propose (and detect) different nuclei. The presets' test budgets
+# are therefore only safety caps, far above what a tile of densely packed nuclei needs.
+OBJECTNESS_THRESHOLD = 0.4
 
 
 class EfficientChannelAttention(nn.Module):
@@ -58,11 +65,18 @@ class EfficientChannelAttention(nn.Module):
         if self.window is None:
             pooled = x.mean(dim=(2, 3), keepdim=True)
         else:
-            pooled = F.avg_pool2d(x, self.window, stride=1, padding=self.window // 2, count_include_pad=False)
+            # A box average is separable (and so is count_include_pad=False's divisor): two 1-D
+            # passes cost 2k per pixel instead of k^2 -- at full resolution, k is 65.
+            half = self.window // 2
+            pooled = F.avg_pool2d(x, (self.window, 1), stride=1, padding=(half, 0), count_include_pad=False)
+            pooled = F.avg_pool2d(pooled, (1, self.window), stride=1, padding=(0, half), count_include_pad=False)
+        # The 1-D convolution across channels, at every position at once: channels become the
+        # height of a one-channel image and the kernel is (k, 1) (same weights as the Conv1d).
         batch, channels, height, width = pooled.shape
-        descriptors = pooled.permute(0, 2, 3, 1).reshape(-1, 1, channels)  # one channel vector per position
-        gates = torch.sigmoid(self.conv(descriptors)).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        return x * gates
+        kernel = self.conv.weight.unsqueeze(-1)  # (1, 1, k, 1)
+        stacked = pooled.reshape(batch, 1, channels, height * width)
+        gates = torch.sigmoid(F.conv2d(stacked, kernel, padding=(kernel.shape[2] // 2, 0)))
+        return x * gates.reshape(batch, channels, height, width)
 
 
 ECA_WINDOW_PX = 64  # canonical pixels (about four nuclei) the channel attention pools over
@@ -283,6 +297,13 @@ class MultiHeadMaskRCNN(nn.Module):
         self.roi_heads = nn.ModuleList(_build_roi_heads(preset, feature_names, channels) for _ in range(heads))
 
     @property
+    def feature_stride(self) -> int:
+        """Stride, in canonical pixels, of the coarsest feature map (its grid phase matters)."""
+        if self.preset.backbone == "resnet50":
+            return 64  # C5 at 32, and the FPN's extra max-pooled level at 64
+        return self.preset.stem_stride * 2 ** len(self.preset.stage_channels)
+
+    @property
     def n_heads(self) -> int:
         return len(self.roi_heads)
 
@@ -318,21 +339,29 @@ class MultiHeadMaskRCNN(nn.Module):
         score_threshold: float = 0.5,
         nms_threshold: float = 0.35,
         min_size: float = 2.0,
+        objectness_threshold: float = OBJECTNESS_THRESHOLD,
     ) -> list[HeadConsensus]:
-        """Consensus detections for a batch (B, C, H, W) at canonical scale."""
+        """Consensus detections for a batch (B, C, H, W) at canonical scale.
+
+        Anchors whose RPN objectness is below ``objectness_threshold`` are dropped before the
+        RPN's NMS (quadratic in the anchors kept): on background and between nuclei that is
+        most of them, and none of them would become a detection scoring ``score_threshold``.
+        """
         batch, _, height, width = images.shape
-        sizes = [(height, width)] * batch
         # Proposal and detection budgets are densities (per PROPOSAL_BUDGET_AREA): a whole image
         # and its tiles then get the same proposals per nucleus, and give the same nuclei.
         area_factor = max(0.25, height * width / PROPOSAL_BUDGET_AREA)
         base_pre, base_post = self.rpn._pre_nms_top_n["testing"], self.rpn._post_nms_top_n["testing"]
+        base_threshold = self.rpn.score_thresh
         self.rpn._pre_nms_top_n["testing"] = int(base_pre * area_factor)
         self.rpn._post_nms_top_n["testing"] = int(base_post * area_factor)
+        self.rpn.score_thresh = objectness_threshold
         try:
             return self._predict(images, flips, score_threshold, nms_threshold, min_size,
                                  int(self.preset.detections_per_image * area_factor))
         finally:
             self.rpn._pre_nms_top_n["testing"], self.rpn._post_nms_top_n["testing"] = base_pre, base_post
+            self.rpn.score_thresh = base_threshold
 
     def _predict(self, images, flips, score_threshold, nms_threshold, min_size, max_detections):
         batch, _, height, width = images.shape
@@ -347,8 +376,10 @@ class MultiHeadMaskRCNN(nn.Module):
             flip_features[flip] = features
             proposals, _ = self.rpn(ImageList(flipped, sizes), features)
             per_head_scores, per_head_boxes = [], []
+            # Every head pools the same proposals from the same features: pool once.
+            pooled_features = self.roi_heads[0].box_roi_pool(features, proposals, sizes)
             for head in self.roi_heads:
-                pooled = head.box_head(head.box_roi_pool(features, proposals, sizes))
+                pooled = head.box_head(pooled_features)
                 logits, regression = head.box_predictor(pooled)
                 decoded = head.box_coder.decode(regression, proposals)[:, 1]
                 per_head_scores.append(F.softmax(logits, -1)[:, 1])
@@ -381,8 +412,9 @@ class MultiHeadMaskRCNN(nn.Module):
                 dims = FLIPS[flip]
                 flipped_boxes = _flip_boxes(boxes, dims, height, width)
                 features_b = OrderedDict((k, v[b : b + 1]) for k, v in flip_features[flip].items())
+                pooled_features = self.roi_heads[0].mask_roi_pool(features_b, [flipped_boxes], [(height, width)])
                 for head in self.roi_heads:
-                    pooled = head.mask_head(head.mask_roi_pool(features_b, [flipped_boxes], [(height, width)]))
+                    pooled = head.mask_head(pooled_features)
                     probs = torch.sigmoid(head.mask_predictor(pooled)[:, 1])
                     head_masks.append(_flip_masks(probs, dims))
             stacked = torch.stack(head_masks)
@@ -406,6 +438,40 @@ def _pairwise_mask_agreement(binary: Tensor) -> Tensor:
             total += torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
             pairs += 1
     return total / pairs
+
+
+def paste_mask_crops(mask_probs: Tensor, boxes: Tensor, threshold: float = 0.5) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Binarise each detection's mask grid inside its own box, the way Mask R-CNN pastes masks.
+
+    Same geometry as torchvision's ``paste_masks_in_image`` (grid padded by one cell, box
+    grown to match, bilinear resize to the integer box) but each mask stays a crop of its
+    box instead of a full-image canvas: the cost follows the nuclei, not N x H x W.
+
+    Parameters
+    ----------
+    mask_probs : Tensor, float, shape (N, M, M)
+        Mask probabilities on the head's grid.
+    boxes : Tensor, float, shape (N, 4)
+        ``(x0, y0, x1, y1)`` in the pixels of the image the masks go to.
+
+    Returns
+    -------
+    boxes : ndarray of int64, shape (N, 4)
+        ``(y0, x0, y1, x1)`` half-open; may reach outside the image (`Instances.from_crops` clips).
+    crops : list of N ndarrays of bool
+        Each mask over its box.
+    """
+    if len(boxes) == 0:
+        return np.zeros((0, 4), np.int64), []
+    padded, factor = expand_masks(mask_probs[:, None].float().cpu(), padding=1)
+    grown = expand_boxes(boxes.float().cpu(), factor).to(torch.int64).tolist()
+    out_boxes, crops = [], []
+    for grid, (x0, y0, x1, y1) in zip(padded, grown):
+        height, width = max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)
+        resized = F.interpolate(grid[None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        out_boxes.append((y0, x0, y0 + height, x0 + width))
+        crops.append((resized > threshold).numpy())
+    return np.asarray(out_boxes, np.int64), crops
 
 
 def build_model(in_channels: int, preset: ModelPreset, heads: int = 3, use_eca: bool = True) -> MultiHeadMaskRCNN:
@@ -486,12 +552,18 @@ class NucleiPredictor:
         largest_anchor = max(max(sizes) for sizes in self.model.preset.anchor_sizes)
         return 2.0 * largest_anchor / self.scale
 
+    @property
+    def tile_origin_quantum_px(self) -> int:
+        """Tile origins that are multiples of this many tile pixels land on the model's coarsest
+        feature grid after resizing, so a nucleus is seen with the same feature-grid phase in
+        every tile (and in a whole-image pass): tiling then does not change what is detected."""
+        steps = round(self.scale * SCALE_GRID)  # scale = steps / SCALE_GRID (see load_predictor)
+        period = SCALE_GRID * self.model.feature_stride
+        return period // math.gcd(steps, period)
+
     @torch.no_grad()
     def predict_batch(self, tiles: list) -> list:
         """Predict tiles, each float32 (C, H, W) normalised by slide percentiles -> list of `Instances`."""
-        import numpy as np
-        from torchvision.models.detection.roi_heads import paste_masks_in_image
-
         from nuclei_app.instances import Instances
 
         if not tiles:
@@ -519,10 +591,10 @@ class NucleiPredictor:
             if len(boxes) == 0:
                 output.append(Instances.empty((tile_h, tile_w)))
                 continue
-            masks = paste_masks_in_image(result.mask_probs[inside][:, None].cpu(), boxes, (tile_h, tile_w))[:, 0] > 0.5
-            nonempty = masks.flatten(1).any(1)
-            output.append(Instances(masks[nonempty].numpy(), result.scores[inside][nonempty].cpu().numpy(),
-                                    result.head_agreement[inside][nonempty].cpu().numpy()))
+            mask_boxes, crops = paste_mask_crops(result.mask_probs[inside], boxes)
+            instances = Instances.from_crops((tile_h, tile_w), mask_boxes, crops, result.scores[inside].cpu().numpy(),
+                                             result.head_agreement[inside].cpu().numpy())
+            output.append(instances.select(instances.areas() > 0))
         return output
 
 

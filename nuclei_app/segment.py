@@ -255,6 +255,18 @@ class TileGrid:
         return [(row, col) for row in range(self.n_rows) for col in range(self.n_cols)]
 
 
+def align_window(window: Box, quantum: int) -> Box:
+    """Grow a window up and left so that its origin is a multiple of ``quantum`` pixels.
+
+    A model sees a nucleus identically in every tile only when tile origins sit on its
+    feature grid (`nuclei_app.model.NucleiPredictor.tile_origin_quantum_px`); the grid's
+    cores, and so the output chunks, stay as they are.
+    """
+    y0, x0, y1, x1 = window
+    quantum = max(1, int(quantum))
+    return y0 - y0 % quantum, x0 - x0 % quantum, y1, x1
+
+
 def make_tile_grid(shape_yx: tuple[int, int], tile: int = 512, overlap: int = 64) -> TileGrid:
     """Tile grid over a (Y, X) slide; see `TileGrid`.
 
@@ -868,6 +880,7 @@ def _segment(
             )
 
         margin = max(1, grid.overlap // 4)
+        quantum = getattr(predictor, "tile_origin_quantum_px", 1)
         # Worker processes of a local cluster share the cores; a remote worker keeps its own setting.
         threads = max(1, (os.cpu_count() or 1) // nprocs) if (nprocs > 1 and not dask_scheduler) else None
         jobs = [
@@ -877,7 +890,7 @@ def _segment(
                 pixel_size_um=slide.pixel_size_um,
                 nuclear_channels=tuple(channels),
                 percentiles=tuple((float(a), float(b)) for a, b in percentiles),
-                tiles=tuple((p, grid.window(*p), grid.core(*p)) for p in batch),
+                tiles=tuple((p, align_window(grid.window(*p), quantum), grid.core(*p)) for p in batch),
                 image_shape=(height, width),
                 margin=margin,
                 torch_threads=threads,

@@ -463,6 +463,6 @@ def test_tiled_model_output_agrees_with_whole_image_inference_of_the_same_model(
     whole = load_predictor(trained_model_dir, diameter_px=diameter).predict_batch([image])[0].to_label_image()
     assert result.n_tiles >= 6
     assert whole.max() > 100, "the session model should find most of the ~370 nuclei"
-    # Measured 0.965: what differs are partial nuclei at the slide's own border and scores
-    # close to the threshold, which a different zero-padding of the tile can flip.
-    assert score_instances(tiled, whole)["f1_50"] >= 0.95
+    # The bar. Holds because tile origins sit on the model's feature grid and proposals
+    # are chosen by objectness, not by a top-k over the tile (measured 1.0 on this image).
+    assert score_instances(tiled, whole)["f1_50"] >= 0.99
