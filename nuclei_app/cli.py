@@ -6,6 +6,7 @@ and maps `NucleiAppError` to a one-line message plus the documented exit code.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -382,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         if str(usage_problem):  # an empty message means help was already shown
             typer.echo(f"nuclei-app: usage error: {usage_problem}; see 'nuclei-app --help'", err=True)
         return int(ExitCode.USAGE)
+    except Exception as error:  # a bug or an unforeseen environment problem: one line, not a traceback
+        if os.environ.get("NUCLEI_APP_DEBUG"):
+            raise
+        kind = "I/O error" if isinstance(error, OSError) else "internal error"
+        typer.echo(f"nuclei-app: {kind}: {type(error).__name__}: {error}; rerun with NUCLEI_APP_DEBUG=1 for the "
+                   "traceback and report it if the inputs are fine", err=True)
+        return int(ExitCode.IO_ERROR if isinstance(error, OSError) else ExitCode.FAILURE)
     return int(ExitCode.OK)
 
 

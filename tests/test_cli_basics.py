@@ -40,3 +40,18 @@ def test_schemas_export_to_unwritable_place_is_one_line_error(run_cli, tmp_path)
     result = run_cli("schemas", "-o", blocker / "sub")
     assert result.exit_code == ExitCode.CANNOT_CREATE_OUTPUT
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unforeseen_failure_is_one_line_not_a_traceback(run_cli, monkeypatch, tmp_path):
+    """The error boundary of `main`: a bug deep in a stage reaches the user as one line and exit 1."""
+    import nuclei_app.schemas
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(nuclei_app.schemas, "export_schemas", broken)
+    monkeypatch.delenv("NUCLEI_APP_DEBUG", raising=False)
+    result = run_cli("schemas", "-o", tmp_path / "out")
+    assert result.exit_code == ExitCode.FAILURE
+    (line,) = result.stderr.strip().splitlines()
+    assert "internal error: RuntimeError: simulated bug" in line and "NUCLEI_APP_DEBUG=1" in line

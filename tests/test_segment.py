@@ -442,6 +442,28 @@ def test_model_segments_a_slide_through_the_cli(run_cli, tiny_model, slide, tmp_
 
 
 @pytest.mark.slow
+def test_wrong_nominal_pixel_size_is_caught_by_the_measured_nucleus_size(tiny_model, slide, tmp_path):
+    """A slide whose metadata claims 3x the real pixel size: the model must not be fed nuclei 3x too small."""
+    with open_slide(slide) as opened:
+        crop = opened.read_region(0, 0, 400, 400)
+    card = json.loads((tiny_model / "model_card.json").read_text())
+    trained_px = card["scale"]["training_diameter_px"]
+    outcomes = {}
+    for name, pixel_size in (("right", (0.5, 0.5)), ("wrong", (1.5, 1.5))):
+        path = _write_slide(tmp_path / f"{name}.ome.tif", crop, pixel_size=pixel_size, n_levels=1)
+        result = segment_slide(path, tmp_path / f"{name}.ome.zarr", PredictorSpec("model", model_dir=str(tiny_model)),
+                               tile=256, overlap=64, progress=False)
+        outcomes[name] = (result, read_run_record(tmp_path / f"{name}.ome.zarr"))
+    right, right_record = outcomes["right"]
+    assert right.warnings == [] and right_record["parameters"]["predictor"]["diameter_px"] is None
+    wrong, wrong_record = outcomes["wrong"]
+    assert len(wrong.warnings) == 1 and "check the pixel size" in wrong.warnings[0]
+    assert wrong_record["summary"]["warnings"] == wrong.warnings
+    measured = wrong_record["parameters"]["predictor"]["diameter_px"]
+    assert 0.7 < measured / trained_px < 1.4, (measured, trained_px)
+
+
+@pytest.mark.slow
 def test_tiled_model_output_agrees_with_whole_image_inference_of_the_same_model(trained_model_dir, tmp_path):
     """The issue's seam test with a trained student: 3 x 4 tiles vs one whole-image pass."""
     from nuclei_app.labels import read_labels

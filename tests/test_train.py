@@ -77,6 +77,9 @@ def test_loaded_model_predicts_nuclei_with_scores_and_head_agreement(trained, cr
     instances = predictor.predict_batch([tile])[0]
     assert instances.shape == tile.shape[1:]
     assert ((instances.head_agreement >= 0) & (instances.head_agreement <= 1)).all()
+    # A blank tile (glass between tissue): no anchor passes the objectness threshold.
+    (blank,) = predictor.predict_batch([np.zeros_like(tile)])
+    assert len(blank) == 0 and blank.shape == tile.shape[1:]
 
 
 def test_flat_image_stops_training_with_bad_data_error(tmp_path, run_cli):
