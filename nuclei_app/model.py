@@ -43,6 +43,9 @@ PROPOSAL_BUDGET_AREA = 256 * 256  # canonical pixels the presets' test-time prop
 # and a whole-image pass would propose (and detect) different nuclei. The presets' test budgets
 # are therefore only safety caps, far above what a tile of densely packed nuclei needs.
 OBJECTNESS_THRESHOLD = 0.4
+# A detection whose mask lies more than this share under higher-scoring masks is a duplicate or
+# a fragment of one nucleus, not an overlapping neighbour (see `instances.suppress_hidden`).
+MAX_HIDDEN_SHARE = 0.5
 
 
 class EfficientChannelAttention(nn.Module):
@@ -618,7 +621,7 @@ class NucleiPredictor:
     @torch.no_grad()
     def predict_batch(self, tiles: list) -> list:
         """Predict tiles, each float32 (C, H, W) normalised by slide percentiles -> list of `Instances`."""
-        from nuclei_app.instances import Instances
+        from nuclei_app.instances import Instances, suppress_hidden
 
         if not tiles:
             return []
@@ -648,7 +651,7 @@ class NucleiPredictor:
             mask_boxes, crops = paste_mask_crops(result.mask_probs[inside], boxes)
             instances = Instances.from_crops((tile_h, tile_w), mask_boxes, crops, result.scores[inside].cpu().numpy(),
                                              result.head_agreement[inside].cpu().numpy())
-            output.append(instances.select(instances.areas() > 0))
+            output.append(suppress_hidden(instances.select(instances.areas() > 0), MAX_HIDDEN_SHARE))
         return output
 
 

@@ -30,6 +30,7 @@ from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInpu
 from nuclei_app.provenance import path_sha256, software_versions
 from nuclei_app.read import normalise_intensities
 from nuclei_app.model import (
+    MAX_HIDDEN_SHARE,
     MODEL_CARD_FILE,
     TRAINING_REPORT_FILE,
     WEIGHTS_FILE,
@@ -40,7 +41,7 @@ from nuclei_app.model import (
     count_parameters,
     paste_mask_crops,
 )
-from nuclei_app.instances import Instances
+from nuclei_app.instances import Instances, suppress_hidden
 
 log = logging.getLogger(__name__)
 MIN_NUCLEI_TO_TRAIN = 5
@@ -342,13 +343,14 @@ def predict_label_image(
     """Predict a canonical-scale image (C, H, W) in overlapping tiles.
 
     Returns a uint32 label image (H, W; higher score wins where masks overlap) and, per
-    label id (index 0 unused), the consensus score and the head agreement.
+    label id (index 0 unused), the consensus score and the head agreement. Each tile keeps
+    the objects centred in its core; as two tiles' boxes for one nucleus differ slightly, both
+    may claim it, so copies mostly hidden under a higher-scoring object are dropped
+    (`suppress_hidden`) over the whole image before the labels are painted.
     """
     model.eval()
     _, height, width = image.shape
-    labels = np.zeros((height, width), dtype=np.uint32)
-    best = np.zeros((height, width), dtype=np.float32)
-    scores, agreements = [0.0], [0.0]
+    boxes, crops, scores, agreements = [], [], [], []
     step = tile - overlap
     ys = list(range(0, max(height - tile, 0) + 1, step)) or [0]
     xs = list(range(0, max(width - tile, 0) + 1, step)) or [0]
@@ -356,44 +358,58 @@ def predict_label_image(
         ys.append(height - tile)
     if xs[-1] + tile < width:
         xs.append(width - tile)
-    for y0 in ys:
-        for x0 in xs:
-            crop = image[:, y0 : y0 + tile, x0 : x0 + tile]
-            h, w = crop.shape[1:]
+    row_cores, col_cores = _tile_cores(ys, tile, height), _tile_cores(xs, tile, width)
+    for y0, (core_y0, core_y1) in zip(ys, row_cores):
+        for x0, (core_x0, core_x1) in zip(xs, col_cores):
+            window = image[:, y0 : y0 + tile, x0 : x0 + tile]
+            h, w = window.shape[1:]
             padded = np.zeros((image.shape[0], round_up_to_multiple(h), round_up_to_multiple(w)), dtype=np.float32)
-            padded[:, :h, :w] = crop
+            padded[:, :h, :w] = window
             result = model.predict(torch.from_numpy(padded)[None].to(device), flips=flips,
                                    score_threshold=score_threshold)[0]
             if len(result.boxes) == 0:
                 continue
-            centres_y = (result.boxes[:, 1] + result.boxes[:, 3]).cpu().numpy() / 2
-            centres_x = (result.boxes[:, 0] + result.boxes[:, 2]).cpu().numpy() / 2
-            # Each object belongs to the tile whose core holds its centre: no duplicates at seams.
-            core_y0 = 0 if y0 == 0 else overlap / 2
-            core_x0 = 0 if x0 == 0 else overlap / 2
-            core_y1 = h if y0 + tile >= height else h - overlap / 2
-            core_x1 = w if x0 + tile >= width else w - overlap / 2
+            centres_y = (result.boxes[:, 1] + result.boxes[:, 3]).cpu().numpy() / 2 + y0
+            centres_x = (result.boxes[:, 0] + result.boxes[:, 2]).cpu().numpy() / 2 + x0
             keep = (centres_y >= core_y0) & (centres_y < core_y1) & (centres_x >= core_x0) & (centres_x < core_x1)
             if not keep.any():
                 continue
             keep_t = torch.from_numpy(np.nonzero(keep)[0])
-            mask_boxes, crops = paste_mask_crops(result.mask_probs[keep_t], result.boxes[keep_t])
-            instances = Instances.from_crops((h, w), mask_boxes, crops, result.scores[keep_t].cpu().numpy(),
-                                             result.head_agreement[keep_t].cpu().numpy())
-            for (by0, bx0, by1, bx1), crop, score, agreement in zip(
-                instances.boxes + [y0, x0, y0, x0], instances.crops, instances.scores.tolist(),
-                instances.head_agreement.tolist(),
-            ):
-                window_labels = labels[by0:by1, bx0:bx1]
-                window_best = best[by0:by1, bx0:bx1]
-                take = crop & (score > window_best)
-                if take.sum() < 4:
-                    continue
-                scores.append(score)
-                agreements.append(agreement)
-                window_labels[take] = len(scores) - 1
-                window_best[take] = score
-    return _relabel(labels, np.asarray(scores, np.float32), np.asarray(agreements, np.float32))
+            tile_boxes, tile_crops = paste_mask_crops(result.mask_probs[keep_t], result.boxes[keep_t])
+            tile_instances = Instances.from_crops((h, w), tile_boxes, tile_crops, result.scores[keep_t].cpu().numpy(),
+                                                  result.head_agreement[keep_t].cpu().numpy())
+            boxes.append(tile_instances.boxes + [y0, x0, y0, x0])
+            crops += tile_instances.crops
+            scores.append(tile_instances.scores)
+            agreements.append(tile_instances.head_agreement)
+    if not crops:
+        empty = np.zeros(1, np.float32)
+        return np.zeros((height, width), dtype=np.uint32), empty, empty
+    instances = suppress_hidden(
+        Instances.from_crops((height, width), np.concatenate(boxes), crops, np.concatenate(scores),
+                             np.concatenate(agreements)),
+        MAX_HIDDEN_SHARE,
+    )
+    labels = np.zeros((height, width), dtype=np.uint32)
+    kept_scores, kept_agreements = [0.0], [0.0]
+    for index in np.argsort(-instances.scores, kind="stable"):  # higher score wins shared pixels
+        by0, bx0, by1, bx1 = instances.boxes[index]
+        window_labels = labels[by0:by1, bx0:bx1]
+        take = instances.crops[index] & (window_labels == 0)
+        if take.sum() < 4:
+            continue
+        kept_scores.append(float(instances.scores[index]))
+        kept_agreements.append(float(instances.head_agreement[index]))
+        window_labels[take] = len(kept_scores) - 1
+    return _relabel(labels, np.asarray(kept_scores, np.float32), np.asarray(kept_agreements, np.float32))
+
+
+def _tile_cores(starts: list[int], tile: int, size: int) -> list[tuple[float, float]]:
+    """The part of one axis each tile owns: cores meet half-way across each overlap and
+    partition ``[0, size)`` (the last tile, placed flush with the end, may overlap its
+    neighbour by more than the nominal overlap)."""
+    bounds = [0.0] + [(start + previous + tile) / 2 for previous, start in zip(starts, starts[1:])] + [float(size)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _relabel(labels: np.ndarray, *per_label: np.ndarray):
