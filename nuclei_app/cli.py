@@ -258,7 +258,9 @@ def segment_command(
         from nuclei_app.qc import write_qc_report
 
         qc_path = qc_report or output.with_name(output.name.removesuffix(".ome.zarr").removesuffix(".zarr") + "_qc.json")
-        qc = write_qc_report(output, image, qc_path, model_dir=model, table_path=table,
+        # With a table the per-nucleus scores and head agreement are already measured: QC reads
+        # them instead of running the model over the slide a second time (which doubled the time).
+        qc = write_qc_report(output, image, qc_path, model_dir=None if table is not None else model, table_path=table,
                              nuclear_channels=nuclear_channels, device=device if device != "auto" else "cpu")
         typer.echo(f"QC {qc.status} -> {qc.path}")
 

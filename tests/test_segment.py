@@ -439,6 +439,9 @@ def test_model_segments_a_slide_through_the_cli(run_cli, tiny_model, slide, tmp_
     assert [entry["path"] for entry in record["inputs"]][1] == str(tiny_model.resolve())
     table = read_nuclei_table(tmp_path / "model.tsv")
     assert table["label"].size == record["summary"]["n_nuclei"]
+    # The self-diagnosis reads the scores the segmentation wrote rather than rerunning the model.
+    qc = json.loads((tmp_path / "model_qc.json").read_text())
+    assert qc["provenance"]["parameters"]["scores_from"] == "table"
 
 
 @pytest.mark.slow
