@@ -824,27 +824,25 @@ def _segment(
             slide.pixel_size_um and predictor.card["scale"].get("training_diameter_um")
         )
         scale_warnings = []
-        if spec.diameter is None and not model_knows_scale:
-            diameter = estimate_slide_diameter(
-                slide, channels, percentiles, [grid.window(*p) for p in tissue_positions]
-            )
-            spec = replace(spec, diameter=diameter)
-        elif spec.diameter is None and tissue_positions:
-            # Nominal pixel sizes are often wrong (a default written by the scanner software or a
-            # converter): check the size they imply against the nuclei actually in the slide.
-            implied = predictor.card["scale"]["training_diameter_um"] / float(np.mean(slide.pixel_size_um))
+        if spec.diameter is None and (tissue_positions or not model_knows_scale):
             measured = estimate_slide_diameter(
                 slide, channels, percentiles, [grid.window(*p) for p in tissue_positions]
             )
-            if measured and max(measured / implied, implied / measured) > SCALE_MISMATCH:
-                message = (
-                    f"nuclei measure {measured:.1f} px in this slide, but its pixel size and the model's training "
-                    f"scale imply {implied:.1f} px; segmenting at the measured size (check the pixel size)"
-                )
-                log.warning(message)
-                scale_warnings.append(message)
+            if not model_knows_scale:
                 spec = replace(spec, diameter=measured)
-            predictor = get_predictor(spec, slide.pixel_size_um)
+            else:
+                # Nominal pixel sizes are often wrong (a default written by the scanner software or
+                # a converter): check the size they imply against the nuclei actually in the slide.
+                implied = predictor.card["scale"]["training_diameter_um"] / float(np.mean(slide.pixel_size_um))
+                if measured and max(measured / implied, implied / measured) > SCALE_MISMATCH:
+                    message = (
+                        f"nuclei measure {measured:.1f} px in this slide, but its pixel size and the model's "
+                        f"training scale imply {implied:.1f} px; segmenting at the measured size (check the pixel size)"
+                    )
+                    log.warning(message)
+                    scale_warnings.append(message)
+                    spec = replace(spec, diameter=measured)
+        predictor = get_predictor(spec, slide.pixel_size_um)  # the one the workers will build from this spec
         inputs = [{"path": str(image_path.resolve()), "sha256": path_sha256(image_path)}]
         if spec.kind == "model":
             inputs.append({"path": str(Path(spec.model_dir).resolve()), "sha256": path_sha256(spec.model_dir)})
@@ -902,7 +900,7 @@ def _segment(
             )
 
         margin = max(1, grid.overlap // 4)
-        quantum = getattr(get_predictor(spec, slide.pixel_size_um), "tile_origin_quantum_px", 1)
+        quantum = getattr(predictor, "tile_origin_quantum_px", 1)
         # Worker processes of a local cluster share the cores; a remote worker keeps its own setting.
         threads = max(1, (os.cpu_count() or 1) // nprocs) if (nprocs > 1 and not dask_scheduler) else None
         jobs = [
