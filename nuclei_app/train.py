@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from nuclei_app import __version__
 from nuclei_app.config import TrainingConfig
-from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError
+from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError, UsageError
 from nuclei_app.provenance import path_sha256, software_versions
 from nuclei_app.read import normalise_intensities
 from nuclei_app.model import (
@@ -160,7 +160,8 @@ def load_training_images(
                     name=f"{Path(path).name}#{index}",
                     image=rescale_image(region, scale),
                     scale=scale,
-                    source={"path": str(path), "region": list(regions[index]), "diameter_px": float(diameter),
+                    source={"path": str(path), "shape": [height, width], "region": list(regions[index]),
+                            "diameter_px": float(diameter),
                             "pixel_size_um": list(pixel_size) if pixel_size else None},
                 )
             )
@@ -209,6 +210,43 @@ def weak_pseudo_labels(images: list[TrainingImage], config: TrainingConfig) -> N
                             seed=(config.seed, image_index, k))
             for k in range(config.heads)
         ]
+
+
+def human_pseudo_labels(images: list[TrainingImage], label_files: dict[str, Path], config: TrainingConfig) -> None:
+    """Supervised variant of round 0: every head learns from human masks (upper bounds in benchmarks).
+
+    label_files maps each input's resolved path (``TrainingImage.source["path"]``) to a label
+    image of the same height and width. Regions are cut out and resized to canonical scale
+    with nearest-neighbour sampling; every object gets confidence 1, nothing is "ignore"
+    (beyond the heads' bootstrap subsets, as in weak training).
+    """
+    from nuclei_app.evaluate import as_label_image
+
+    for image_index, item in enumerate(images):
+        path = label_files[str(Path(item.source["path"]).resolve())]
+        full = _read_human_labels(path)
+        y0, x0, height, width = item.source["region"]
+        if list(full.shape) != item.source["shape"]:
+            raise BadDataError(f"human masks of shape {list(full.shape)} do not match the image's "
+                               f"{item.source['shape']}; give the masks drawn on this image", path)
+        region = as_label_image(full[y0:y0 + height, x0:x0 + width], path)
+        rows = np.minimum((np.arange(item.image.shape[1]) / item.scale).astype(int), height - 1)
+        cols = np.minimum((np.arange(item.image.shape[2]) / item.scale).astype(int), width - 1)
+        (labels,) = _relabel(region[np.ix_(rows, cols)])
+        confidence = np.ones(int(labels.max()) + 1, dtype=np.float32)
+        confidence[0] = 0.0
+        item.labels, item.confidence, item.ignore = labels, confidence, np.zeros(labels.shape, bool)
+        item.views = [_bootstrap_view(labels, confidence, item.ignore, config, seed=(config.seed, image_index, k))
+                      for k in range(config.heads)]
+
+
+def _read_human_labels(path: Path) -> np.ndarray:
+    from nuclei_app.read import open_slide
+
+    with open_slide(path) as slide:
+        if slide.shape[0] != 1:
+            raise BadDataError(f"a mask file has one channel, this one {slide.shape[0]}", path)
+        return slide.read_region(0, 0, slide.shape[1], slide.shape[2], channels=[0])[0]
 
 
 def cross_checked(view: tuple, others: list[tuple]) -> tuple:
@@ -619,6 +657,7 @@ def train_model(
     nuclear_channels: str | Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     evaluation: Callable[[MultiHeadMaskRCNN, int, list[TrainingImage]], dict] | None = None,
+    human_labels: Sequence[str | Path] | None = None,
 ) -> TrainingResult:
     """Train a student de novo from weak labels alone and write it to ``output_dir``.
 
@@ -631,6 +670,9 @@ def train_model(
     progress : called with one line per notable event (for the CLI's log/progress bar).
     evaluation : optional hook (model, round, training images) -> metrics, used by benchmarks
         with ground truth; its result is stored in that round's report entry.
+    human_labels : for supervised upper bounds only (benchmarks): one label image per input
+        image file, used instead of the weak labels (needs ``config.rounds == 0``); the model
+        card then says ``human_labels_used: true``.
     """
     from nuclei_app.atomic import atomic_directory, atomic_write_json
     from nuclei_app.schemas import validate_instance
@@ -646,9 +688,15 @@ def train_model(
     rng = np.random.default_rng(config.seed)
     preset = config.model_preset
 
+    if human_labels is not None and (config.rounds or len(human_labels) != len(inputs)):
+        raise UsageError("training on human masks needs one mask file per input image and rounds=0 "
+                         "(self-training would overwrite the masks)")
     images, channel_names, provenance = load_training_images(inputs, config, nuclear_channels)
     say(f"training on {len(images)} image(s) from {len(provenance)} input(s); channels {channel_names}")
-    weak_pseudo_labels(images, config)
+    if human_labels is None:
+        weak_pseudo_labels(images, config)
+    else:
+        human_pseudo_labels(images, {str(Path(i).resolve()): Path(m) for i, m in zip(inputs, human_labels)}, config)
     n_teacher = sum(int(item.labels.max()) for item in images)
     if n_teacher < MIN_NUCLEI_TO_TRAIN:
         raise BadDataError(
@@ -656,7 +704,8 @@ def train_model(
             "(empty or flat images?). Check the nuclear channels (--nuclear-channels) and the input",
             str(inputs[0]) if inputs else None,
         )
-    say(f"round 0 pseudo-labels: {n_teacher} nuclei from weak labelers {list(config.weak_methods)}")
+    say(f"round 0 pseudo-labels: {n_teacher} nuclei from "
+        + ("human masks" if human_labels is not None else f"weak labelers {list(config.weak_methods)}"))
 
     model = build_model(len(channel_names), preset, heads=config.heads, use_eca=config.use_eca).to(device)
     deadline = time.monotonic() + config.max_minutes * 60
@@ -764,7 +813,7 @@ def train_model(
             "seconds": round(time.time() - started, 2),
             "timed_out": timed_out,
             "data": provenance,
-            "human_labels_used": False,
+            "human_labels_used": human_labels is not None,
         },
         "weights": {"file": WEIGHTS_FILE, "sha256": weights_hash.hexdigest()},
         "software": software_versions(),

@@ -112,6 +112,29 @@ def test_unwritable_model_dir_is_cannot_create_output(crop_image, tmp_path, run_
     assert result.exit_code == ExitCode.CANNOT_CREATE_OUTPUT
 
 
+def test_supervised_upper_bound_trains_on_the_human_masks_and_says_so(crop_image, nuclei_gt_dir, tmp_path):
+    """benchmarks/compare.py's upper bounds: the same model taught by human masks instead of weak labels."""
+    from nuclei_app.errors import BadDataError, UsageError
+    from nuclei_app.train import train_model
+
+    masks = tifffile.imread(nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_a102535b0e88_masks.tif")[100:356, 300:556]
+    mask_path = tmp_path / "crop_masks.tif"
+    tifffile.imwrite(mask_path, masks)
+    config = TrainingConfig(steps_per_round=2, rounds=0, heads=1, max_minutes=5)
+    result = train_model([crop_image], tmp_path / "supervised", config, human_labels=[mask_path])
+    assert result.card["training"]["human_labels_used"] is True
+    assert schema_errors(result.card, "model_card") == []
+    n_human = len(np.unique(masks)) - 1
+    # every human nucleus becomes one training object (a sliver cut by the crop edge may vanish on resizing)
+    assert 0.95 * n_human <= result.report["rounds"][0]["pseudo_labels"]["objects"] <= n_human
+
+    tifffile.imwrite(tmp_path / "wrong.tif", masks[:200])
+    with pytest.raises(BadDataError, match="do not match"):
+        train_model([crop_image], tmp_path / "wrong", config, human_labels=[tmp_path / "wrong.tif"])
+    with pytest.raises(UsageError, match="rounds=0"):
+        train_model([crop_image], tmp_path / "rounds", config.with_changes(rounds=1), human_labels=[mask_path])
+
+
 def test_missing_input_is_exit_66(tmp_path, run_cli):
     result = run_cli("train", tmp_path / "nope.tif", "-o", tmp_path / "model")
     assert result.exit_code == ExitCode.MISSING_INPUT
