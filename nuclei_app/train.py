@@ -669,7 +669,8 @@ def train_model(
     nuclear_channels : channel names to use (default: every recognised nuclear stain).
     progress : called with one line per notable event (for the CLI's log/progress bar).
     evaluation : optional hook (model, round, training images) -> metrics, used by benchmarks
-        with ground truth; its result is stored in that round's report entry.
+        with ground truth; its result is stored in that round's report entry, and its time
+        is not charged to ``config.max_minutes``.
     human_labels : for supervised upper bounds only (benchmarks): one label image per input
         image file, used instead of the weak labels (needs ``config.rounds == 0``); the model
         card then says ``human_labels_used: true``.
@@ -700,7 +701,8 @@ def train_model(
     n_teacher = sum(int(item.labels.max()) for item in images)
     if n_teacher < MIN_NUCLEI_TO_TRAIN:
         raise BadDataError(
-            f"the weak labeler found {n_teacher} nuclei in the training images; nothing to learn from "
+            f"the {'human masks hold' if human_labels is not None else 'weak labeler found'} {n_teacher} "
+            "nuclei in the training images; nothing to learn from "
             "(empty or flat images?). Check the nuclear channels (--nuclear-channels) and the input",
             str(inputs[0]) if inputs else None,
         )
@@ -759,7 +761,9 @@ def train_model(
             "timed_out": round_timed_out,
         }
         if evaluation is not None:
+            hook_started = time.monotonic()
             entry["evaluation"] = evaluation(model, round_index, images)
+            deadline += time.monotonic() - hook_started  # scoring is not training: not charged to the budget
         rounds_report.append(entry)
         if round_index > 0 and stats.changed_fraction < config.convergence_fraction:
             say(f"pseudo-labels changed by {stats.changed_fraction:.1%} < {config.convergence_fraction:.1%}: converged")
