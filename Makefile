@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo_output
 
-.PHONY: setup demo test clean container-check browser
+.PHONY: setup demo test clean container-check browser benchmark
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,23 @@ clean:
 # BIDS-Apps form on the sample dataset. See tools/container_check.py.
 container-check: setup
 	$(BIN)/python tools/container_check.py
+
+# The evidence table of issue 7: nuclei_app vs Otsu/LoG watershed, StarDist, Cellpose 3 and a
+# plain Mask R-CNN, plus ablations and upper bounds, on every source under BENCHMARK_DATA.
+# The peers live in their own venv (TensorFlow needs an older numpy than constraints.txt pins).
+# Hours on 2 CPU cores at the default budget: each trained method gets BUDGET_MINUTES per source.
+BENCHMARK_VENV ?= .venv-benchmark
+BENCHMARK_STAMP := $(BENCHMARK_VENV)/.installed-stamp
+BENCHMARK_DATA ?= ../shared/data/nuclei-gt
+BUDGET_MINUTES ?= 10
+BENCHMARK_OPTIONS ?=
+
+$(BENCHMARK_STAMP): pyproject.toml benchmarks/constraints.txt
+	$(PYTHON) -m venv $(BENCHMARK_VENV)
+	$(BENCHMARK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCHMARK_VENV)/bin/python -m pip install --quiet -c benchmarks/constraints.txt -e '.[benchmark]'
+	touch $(BENCHMARK_STAMP)
+
+benchmark: $(BENCHMARK_STAMP)
+	$(BENCHMARK_VENV)/bin/python benchmarks/compare.py --data $(BENCHMARK_DATA) \
+		--budget-minutes $(BUDGET_MINUTES) $(BENCHMARK_OPTIONS)
