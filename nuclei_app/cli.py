@@ -132,6 +132,10 @@ def train_command(
     rounds: int = typer.Option(2, help="Self-training rounds after round 0 (correct + expand + retrain)."),
     max_minutes: float = typer.Option(12.0, help="Wall-clock budget for training; rounds stop early when spent."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps in round 0 (later rounds: half). Default: the preset's."),
+    fill_budget: bool = typer.Option(
+        False, "--fill-budget",
+        help="Train until --max-minutes is spent (steps fitted to the measured speed; not with --steps). "
+             "The step count then depends on the machine, so runs are not bit-identical."),
     seed: int = typer.Option(0, help="Random seed; same inputs and seed give the same model on CPU."),
     nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -143,8 +147,8 @@ def train_command(
 
     logger = configure_logging()
     config = TrainingConfig(
-        preset=preset, heads=heads, rounds=rounds, max_minutes=max_minutes, steps_per_round=steps, seed=seed,
-        device=device,
+        preset=preset, heads=heads, rounds=rounds, max_minutes=max_minutes, steps_per_round=steps,
+        fill_budget=fill_budget, seed=seed, device=device,
     )
     result = train_model(inputs, output_dir, config, nuclear_channels=nuclear_channels, progress=logger.info)
     last = result.report["rounds"][-1]

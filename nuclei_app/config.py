@@ -144,6 +144,9 @@ class TrainingConfig:
     rounds: int = 2
     max_minutes: float = 12.0
     steps_per_round: int | None = None  # None: the preset's default, shortened to fit max_minutes
+    # Train until each round's share of max_minutes is spent, the learning-rate schedule fitted to the
+    # steps the measured speed allows (more steps on a fast machine: not bit-reproducible across machines).
+    fill_budget: bool = False
     seed: int = 0
     device: str = "cpu"
     weak_methods: tuple[str, ...] = ("otsu", "log")  # head k learns from weak_methods[k % len]; first = base view
@@ -171,6 +174,8 @@ class TrainingConfig:
             raise UsageError(f"--rounds must be 0 or more, got {self.rounds}")
         if self.max_minutes <= 0:
             raise UsageError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.fill_budget and self.steps_per_round is not None:
+            raise UsageError("give either --steps or --fill-budget, not both")
 
     @property
     def model_preset(self) -> ModelPreset:

@@ -614,12 +614,26 @@ def _learning_rate(step: int, total: int, base: float) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _train_steps(model, images, config, steps, rng, device, deadline, on_step) -> tuple[list[float], int, bool]:
+#: Steps timed before ``fill_budget`` fits the step count (and so the schedule) to the deadline.
+CALIBRATION_STEPS = 10
+
+
+def _train_steps(model, images, config, steps, rng, device, deadline, on_step) -> tuple[list[float], int, int, bool]:
+    """Losses, steps done, steps planned (fitted to the deadline with ``fill_budget``), timed out."""
     preset = config.model_preset
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.learning_rate, weight_decay=1e-4)
     losses, done, timed_out = [], 0, False
     model.train()
-    for step in range(steps):
+    started = time.monotonic()
+    step = 0
+    while step < steps:
+        if config.fill_budget and step == CALIBRATION_STEPS:
+            # The first steps include warm-up costs, so this estimate errs towards fewer steps;
+            # 3% is kept back so the cosine schedule ends before the deadline cuts it.
+            seconds_per_step = (time.monotonic() - started) / CALIBRATION_STEPS
+            steps = CALIBRATION_STEPS + max(int(0.97 * (deadline - time.monotonic()) / seconds_per_step), 0)
+            if step >= steps:
+                break
         if time.monotonic() > deadline:
             timed_out = True
             break
@@ -637,7 +651,8 @@ def _train_steps(model, images, config, steps, rng, device, deadline, on_step) -
         losses.append(float(loss.detach()))
         done += 1
         on_step(step, steps, losses[-1])
-    return losses, done, timed_out
+        step += 1
+    return losses, done, steps, timed_out
 
 
 def _foreground_coverage(item: TrainingImage) -> float:
@@ -734,7 +749,7 @@ def train_model(
             if (step + 1) % 50 == 0 or step == total - 1:
                 say(f"round {_round} step {step + 1}/{total} mean loss {np.mean(_recent[-50:]):.3f}")
 
-        losses, done, round_timed_out = _train_steps(model, images, config, steps, rng, device, round_deadline,
+        losses, done, steps, round_timed_out = _train_steps(model, images, config, steps, rng, device, round_deadline,
                                                      on_step)
         timed_out |= round_timed_out
         entry = {

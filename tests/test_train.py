@@ -97,6 +97,7 @@ def test_flat_image_stops_training_with_bad_data_error(tmp_path, run_cli):
         (["--preset", "huge"], ExitCode.USAGE),
         (["--heads", "0"], ExitCode.USAGE),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--heads", "-1"], ExitCode.USAGE),
+        (["--steps", "5", "--fill-budget"], ExitCode.USAGE),
     ],
 )
 def test_bad_training_options_are_one_line_usage_errors(crop_image, tmp_path, run_cli, options, code):
@@ -133,6 +134,21 @@ def test_supervised_upper_bound_trains_on_the_human_masks_and_says_so(crop_image
         train_model([crop_image], tmp_path / "wrong", config, human_labels=[tmp_path / "wrong.tif"])
     with pytest.raises(UsageError, match="rounds=0"):
         train_model([crop_image], tmp_path / "rounds", config.with_changes(rounds=1), human_labels=[mask_path])
+
+
+def test_fill_budget_trains_until_the_budget_with_a_schedule_fitted_to_it(crop_image, tmp_path, run_cli):
+    """--fill-budget: the step count comes from the measured speed, so each round spends its share."""
+    result = run_cli("train", crop_image, "-o", tmp_path / "model", "--fill-budget", "--max-minutes", "0.25",
+                     "--rounds", "1", "--heads", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.error_lines
+    report = json.loads((tmp_path / "model" / TRAINING_REPORT_FILE).read_text())
+    first = report["rounds"][0]
+    share = 0.5 * 0.25 * 60  # round 0 gets half the budget
+    assert 0.6 * share <= first["seconds"] <= share + 3
+    # the schedule was planned for the steps that fit, and they ran to its end (not cut mid-way)
+    assert first["steps"] == first["steps_planned"] > 10 and not first["timed_out"]
+    card = json.loads((tmp_path / "model" / MODEL_CARD_FILE).read_text())
+    assert card["training"]["config"]["fill_budget"] is True  # recorded where it influenced the model
 
 
 def test_missing_input_is_exit_66(tmp_path, run_cli):
