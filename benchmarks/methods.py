@@ -132,7 +132,9 @@ def run_nuclei_app(task: Task) -> dict:
     from nuclei_app.weak import estimate_nucleus_diameter
 
     supervised = task.method == "nuclei_app_supervised"
-    config = TrainingConfig(max_minutes=task.budget_seconds / 60, seed=task.seed).with_changes(
+    # fill_budget: like the peers, every variant trains for the whole budget (the preset's default
+    # step count would leave most of it unused), its schedule fitted to the steps that fit.
+    config = TrainingConfig(max_minutes=task.budget_seconds / 60, seed=task.seed, fill_budget=True).with_changes(
         **NUCLEI_APP_VARIANTS[task.method])
     model_dir = Path(task.work_dir) / "model"
     canonical = config.model_preset.canonical_diameter
@@ -254,11 +256,17 @@ def run_cellpose(task: Task) -> dict:
                                  save_path=str(save_dir), model_name="cellpose", SGD=False,
                                  nimg_per_epoch=8)
 
-    calibration_started = time.time()
-    train_epochs(2)  # times a batch (at the warm-up's learning rate), then spends the rest of the budget
-    batch_seconds = (time.time() - calibration_started) / 2
-    remaining = task.budget_seconds - (time.time() - started)
-    extra_epochs = int(remaining // max(batch_seconds, 1e-3))
+    # Each train_seg call has a fixed set-up cost; two short calls separate it from the cost of
+    # a batch, so the last call's epoch count (and so its schedule) fits the remaining budget.
+    call_started = time.time()
+    train_epochs(1)
+    one_batch_call = time.time() - call_started
+    call_started = time.time()
+    train_epochs(3)
+    batch_seconds = max((time.time() - call_started - one_batch_call) / 2, 1e-3)
+    call_overhead = max(one_batch_call - batch_seconds, 0.0)
+    remaining = task.budget_seconds - (time.time() - started) - call_overhead
+    extra_epochs = int(remaining // batch_seconds)
     if extra_epochs > 0:
         train_epochs(extra_epochs)
     train_seconds = time.time() - started
@@ -271,7 +279,7 @@ def run_cellpose(task: Task) -> dict:
                                  normalize=False)
         return masks
 
-    return {"train_seconds": train_seconds, **predict_all(task, predict_one), "batches": 2 + max(extra_epochs, 0)}
+    return {"train_seconds": train_seconds, **predict_all(task, predict_one), "batches": 4 + max(extra_epochs, 0)}
 
 
 RUNNERS: dict[str, Callable[[Task], dict]] = {
