@@ -215,14 +215,80 @@ def score_folder(prediction_dir: Path, names: list[str], pairs: dict[str, tuple[
     return {key: scores[key] for key in SCORE_KEYS} | {"n_images": len(names)}
 
 
+#: A true nucleus the teacher "labelled" overlaps a teacher object at IoU >= this (below: missed).
+LABELLED_IOU = 0.1
+
+
+def teacher_error_fates(teacher: np.ndarray, student: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+    """What the student made of the teacher's errors, counted over the true nuclei of one image.
+
+    A true nucleus is *right* for a labeler when one of its objects matches it at IoU >= 0.5,
+    *wrong* when the teacher labelled it badly (best IoU in [0.1, 0.5): merged, fragmented or
+    misdrawn) and *missed* when no teacher object overlaps it at IoU >= 0.1.
+
+    Parameters
+    ----------
+    teacher, student, truth : ndarray of int, shape (H, W)
+        Label images (0 = background).
+
+    Returns
+    -------
+    dict of int
+        ``teacher_right``, ``teacher_wrong``, ``teacher_missed`` (they sum to the true nuclei),
+        ``corrected`` (wrong for the teacher, right for the student), ``broken`` (right for the
+        teacher, not for the student) and ``found`` (missed by the teacher, right for the student).
+    """
+    from nuclei_app.evaluate import iou_matrix
+
+    def best_iou(labels: np.ndarray) -> np.ndarray:
+        iou, _, truth_ids = iou_matrix(labels, truth)
+        best = iou.max(axis=0) if iou.shape[0] else np.zeros(truth_ids.size)
+        return best
+
+    teacher_best, student_best = best_iou(teacher), best_iou(student)
+    teacher_right = teacher_best >= 0.5
+    teacher_missed = teacher_best < LABELLED_IOU
+    teacher_wrong = ~teacher_right & ~teacher_missed
+    student_right = student_best >= 0.5
+    return {
+        "teacher_right": int(teacher_right.sum()),
+        "teacher_wrong": int(teacher_wrong.sum()),
+        "teacher_missed": int(teacher_missed.sum()),
+        "corrected": int((teacher_wrong & student_right).sum()),
+        "broken": int((teacher_right & ~student_right).sum()),
+        "found": int((teacher_missed & student_right).sum()),
+    }
+
+
+def correction_and_expansion(round_dirs: dict[str, str], teacher_dir: Path, names: list[str],
+                             pairs: dict[str, tuple[Path, Path]]) -> list[dict]:
+    """Per self-training round, pooled over images: the share of the teacher's errors on the
+    nuclei it labelled that the student fixed (correction), the share of the nuclei it missed
+    that the student found (expansion), and the share of its right answers the student broke."""
+    rows = []
+    for round_index, round_dir in sorted(round_dirs.items(), key=lambda item: int(item[0])):
+        totals: dict[str, int] = {}
+        for name in names:
+            fates = teacher_error_fates(tifffile.imread(teacher_dir / f"{name}.tif"),
+                                        tifffile.imread(Path(round_dir) / f"{name}.tif"), tifffile.imread(pairs[name][1]))
+            totals = {key: totals.get(key, 0) + value for key, value in fates.items()}
+        rows.append({"round": int(round_index), **totals,
+                     "correction_rate": totals["corrected"] / max(totals["teacher_wrong"], 1),
+                     "expansion_recall": totals["found"] / max(totals["teacher_missed"], 1),
+                     "broken_rate": totals["broken"] / max(totals["teacher_right"], 1)})
+    return rows
+
+
 def method_row(name: str, outcome: dict, prediction_dir: Path, names: dict[str, list[str]],
                pairs: dict[str, tuple[Path, Path]], group: str | None = None, description: str | None = None) -> dict:
     row = {"method": name, "description": description or DESCRIPTION[name], "group": group or GROUP[name],
            "status": outcome["status"], "reason": outcome.get("reason"), "scores": {"all": None, "held_out": None},
            "train_seconds": outcome.get("train_seconds"), "inference_mp_per_s": None}
+    if row["group"] == "rounds":
+        row["train_seconds"] = None  # the run's time is on the method's own row; a round is part of it
+    elif outcome["status"] == "ok" and outcome.get("inference_seconds"):
+        row["inference_mp_per_s"] = outcome["inference_megapixels"] / outcome["inference_seconds"]
     if outcome["status"] == "ok":
-        if outcome.get("inference_seconds"):
-            row["inference_mp_per_s"] = outcome["inference_megapixels"] / outcome["inference_seconds"]
         for subset in ("all", "held_out"):
             if row["group"] == "upper bound" and subset == "all":
                 continue  # trained on half of these images' human masks
@@ -264,6 +330,19 @@ def markdown_table(result: dict) -> str:
             cells += [fmt(row["train_seconds"], 0), fmt(row["inference_mp_per_s"], 2),
                       "ok" if row["status"] == "ok" else f"failed: {row['reason']}"]
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if result["correction_and_expansion"]:
+        lines += [f"## Correction and expansion per self-training round (nuclei_app vs. the {TEACHER} teacher)", "",
+                  f"Over the {result['n_gt_nuclei']} true nuclei: the teacher got a nucleus *right* (IoU >= 0.5), "
+                  f"*wrong* (best IoU {LABELLED_IOU}-0.5: merged, fragmented, misdrawn) or *missed* it (IoU < "
+                  f"{LABELLED_IOU}). Correction: share of its wrong ones the student gets right; expansion: share "
+                  "of its missed ones the student gets right; broken: share of its right ones the student loses.", "",
+                  "| round | teacher right / wrong / missed | corrected | correction | found | expansion "
+                  "| broken | broken share |", "|" + "---|" * 8]
+        for row in result["correction_and_expansion"]:
+            lines.append(f"| {row['round']} | {row['teacher_right']} / {row['teacher_wrong']} / {row['teacher_missed']} "
+                         f"| {row['corrected']} | {row['correction_rate']:.3f} | {row['found']} "
+                         f"| {row['expansion_recall']:.3f} | {row['broken']} | {row['broken_rate']:.3f} |")
         lines.append("")
     if result["data_failures"]:
         lines += ["## Pairs left out", ""] + [f"- {f['image']}: {f['reason']}" for f in result["data_failures"]]
@@ -325,7 +404,7 @@ def benchmark_source(folder: Path, args: argparse.Namespace, methods: list[str])
     write_teacher_labels(pairs, pseudo_dir)
     budget = args.budget_minutes * 60
     code = code_signature()
-    rows = []
+    rows, phenomena = [], []
     for method in methods:
         supervised = GROUP[method] == "upper bound"
         method_dir = work / method
@@ -345,6 +424,8 @@ def benchmark_source(folder: Path, args: argparse.Namespace, methods: list[str])
         for round_index, round_dir in rounds.items():
             rows.append(method_row(f"{method}_round_{round_index}", outcome, Path(round_dir), subsets, pairs,
                                    group="rounds", description=f"{method} after self-training round {round_index}"))
+        if rounds:
+            phenomena = correction_and_expansion(rounds, pseudo_dir, names, pairs)
     result = {
         "source": folder.name,
         "data": str(folder),
@@ -361,6 +442,7 @@ def benchmark_source(folder: Path, args: argparse.Namespace, methods: list[str])
         "split": {"train": train, "held_out": held_out},
         "data_failures": data_failures,
         "methods": rows,
+        "correction_and_expansion": phenomena,
         "plot": None,
         "plot_skipped": None,
     }

@@ -95,7 +95,8 @@ def test_trained_methods_rounds_and_upper_bounds(benchmark):
     assert ours["status"] == "ok" and ours["scores"]["all"]["n_images"] == 3
     assert 0 < ours["train_seconds"] < 6 + 60  # the 6-second budget, plus loading and weak labelling
     assert [r for r in rows if r.startswith("nuclei_app_round_")][0] == "nuclei_app_round_0"
-    assert all(rows[r]["group"] == "rounds" for r in rows if r.startswith("nuclei_app_round_"))
+    assert all(rows[r]["group"] == "rounds" and rows[r]["train_seconds"] is None
+               for r in rows if r.startswith("nuclei_app_round_"))
     upper = rows["nuclei_app_supervised"]
     assert upper["status"] == "ok" and upper["scores"]["all"] is None  # never scored on its own training images
     assert upper["scores"]["held_out"]["n_images"] == len(result["split"]["held_out"]) == 1
@@ -107,6 +108,41 @@ def test_trained_methods_rounds_and_upper_bounds(benchmark):
         assert stardist["scores"] == {"all": None, "held_out": None}
     else:
         assert stardist["status"] == "ok"
+
+
+def test_correction_and_expansion_are_counted_per_round_over_every_true_nucleus(benchmark):
+    root, source, _ = benchmark
+    result = json.loads((root / "out" / f"{source.name}.json").read_text())
+    rounds = [row["method"] for row in result["methods"] if row["group"] == "rounds"]
+    phenomena = result["correction_and_expansion"]
+    assert [f"nuclei_app_round_{row['round']}" for row in phenomena] == rounds
+    for row in phenomena:
+        assert row["teacher_right"] + row["teacher_wrong"] + row["teacher_missed"] == result["n_gt_nuclei"]
+        assert row["corrected"] <= row["teacher_wrong"] and row["found"] <= row["teacher_missed"]
+    assert "Correction and expansion" in (root / "out" / f"{source.name}.md").read_text()
+
+
+def load_compare_module():
+    spec = importlib.util.spec_from_file_location("compare", COMPARE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_teacher_error_fates_on_a_merge_a_miss_and_a_broken_nucleus():
+    compare = load_compare_module()
+    truth = np.zeros((40, 60), np.int32)
+    truth[5:15, 5:15], truth[5:15, 16:26] = 1, 2  # two touching nuclei ...
+    truth[25:35, 5:15] = 3  # ... one the teacher misses ...
+    truth[25:35, 40:50] = 4  # ... and one it gets right
+    teacher = np.zeros_like(truth)
+    teacher[5:15, 5:26] = 1  # merged: IoU ~0.48 with each
+    teacher[25:35, 40:50] = 2
+    student = np.zeros_like(truth)
+    student[5:15, 5:15], student[5:15, 16:26], student[25:35, 5:15] = 1, 2, 3  # split, found, but #4 lost
+    fates = compare.teacher_error_fates(teacher, student, truth)
+    assert fates == {"teacher_right": 1, "teacher_wrong": 2, "teacher_missed": 1,
+                     "corrected": 2, "broken": 1, "found": 1}
 
 
 def test_rerun_reuses_finished_methods(benchmark):
