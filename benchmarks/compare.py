@@ -8,7 +8,8 @@ our own `evaluate` scores each against the human masks, which no unsupervised me
     python benchmarks/compare.py --data ../shared/data/nuclei-gt --budget-minutes 10
 
 Writes ``<out>/<source>.json`` (schema ``benchmark_results``), ``<out>/<source>.md`` and, with
-matplotlib, ``<out>/<source>.png``. A pair with a missing or misshapen mask, and a method that
+matplotlib, ``<out>/<source>.png``; with nuclei_app in the run, they also show per self-training
+round how many of the teacher's wrong nuclei the student corrected and missed ones it found. A pair with a missing or misshapen mask, and a method that
 crashes, is missing or overruns its budget, is recorded with its reason; the rest of the
 table is still produced. Reruns reuse finished method runs (same task, data and code: same result).
 Peers come from ``pip install .[benchmark]`` (``make benchmark`` does it in its own venv).
