@@ -18,6 +18,7 @@ Peers come from ``pip install .[benchmark]`` (``make benchmark`` does it in its 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -208,10 +209,16 @@ def worker(task_file: Path) -> int:
 # ----------------------------------------------------------------------------- scoring and reporting
 
 
+@functools.lru_cache(maxsize=None)
+def read_labels(path: Path) -> np.ndarray:
+    """A label image, read once per run: every method is scored against the same masks."""
+    return tifffile.imread(path)
+
+
 def score_folder(prediction_dir: Path, names: list[str], pairs: dict[str, tuple[Path, Path]]) -> dict:
     from nuclei_app.evaluate import score_pooled
 
-    scores = score_pooled((tifffile.imread(prediction_dir / f"{n}.tif"), tifffile.imread(pairs[n][1]))
+    scores = score_pooled((tifffile.imread(prediction_dir / f"{n}.tif"), read_labels(pairs[n][1]))
                           for n in names)
     return {key: scores[key] for key in SCORE_KEYS} | {"n_images": len(names)}
 
@@ -270,8 +277,8 @@ def correction_and_expansion(round_dirs: dict[str, str], teacher_dir: Path, name
     for round_index, round_dir in sorted(round_dirs.items(), key=lambda item: int(item[0])):
         totals: dict[str, int] = {}
         for name in names:
-            fates = teacher_error_fates(tifffile.imread(teacher_dir / f"{name}.tif"),
-                                        tifffile.imread(Path(round_dir) / f"{name}.tif"), tifffile.imread(pairs[name][1]))
+            fates = teacher_error_fates(read_labels(teacher_dir / f"{name}.tif"),
+                                        tifffile.imread(Path(round_dir) / f"{name}.tif"), read_labels(pairs[name][1]))
             totals = {key: totals.get(key, 0) + value for key, value in fates.items()}
         rows.append({"round": int(round_index), **totals,
                      "correction_rate": totals["corrected"] / max(totals["teacher_wrong"], 1),
@@ -439,7 +446,7 @@ def benchmark_source(folder: Path, args: argparse.Namespace, methods: list[str])
         "seed": args.seed,
         "teacher": f"{TEACHER}_watershed",
         "n_images": len(names),
-        "n_gt_nuclei": int(sum(len(np.unique(tifffile.imread(pairs[n][1]))) - 1 for n in names)),
+        "n_gt_nuclei": int(sum(len(np.unique(read_labels(pairs[n][1]))) - 1 for n in names)),
         "split": {"train": train, "held_out": held_out},
         "data_failures": data_failures,
         "methods": rows,

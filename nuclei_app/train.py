@@ -627,13 +627,6 @@ def _train_steps(model, images, config, steps, rng, device, deadline, on_step) -
     started = time.monotonic()
     step = 0
     while step < steps:
-        if config.fill_budget and step == CALIBRATION_STEPS:
-            # The first steps include warm-up costs, so this estimate errs towards fewer steps;
-            # 3% is kept back so the cosine schedule ends before the deadline cuts it.
-            seconds_per_step = (time.monotonic() - started) / CALIBRATION_STEPS
-            steps = CALIBRATION_STEPS + max(int(0.97 * (deadline - time.monotonic()) / seconds_per_step), 0)
-            if step >= steps:
-                break
         if time.monotonic() > deadline:
             timed_out = True
             break
@@ -652,6 +645,11 @@ def _train_steps(model, images, config, steps, rng, device, deadline, on_step) -
         done += 1
         on_step(step, steps, losses[-1])
         step += 1
+        if config.fill_budget and step == CALIBRATION_STEPS:
+            # The first steps include warm-up costs, so this estimate errs towards fewer steps;
+            # 3% is kept back so the cosine schedule ends before the deadline cuts it.
+            seconds_per_step = (time.monotonic() - started) / CALIBRATION_STEPS
+            steps = CALIBRATION_STEPS + max(int(0.97 * (deadline - time.monotonic()) / seconds_per_step), 0)
     return losses, done, steps, timed_out
 
 
