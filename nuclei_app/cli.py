@@ -228,6 +228,11 @@ def segment_command(
         None, "--qc", help="Self-diagnosis report to write (default: OUT_qc.json beside the output)."
     ),
     skip_qc: bool = typer.Option(False, "--no-qc", help="Do not write the self-diagnosis report."),
+    score_threshold: Optional[float] = typer.Option(
+        None, "--score-threshold",
+        help="Drop nuclei whose consensus score is below this (default: the cut-off the model chose at training, "
+             "recorded in its model_card.json).",
+    ),
 ) -> None:
     """Segment a whole slide tile by tile: OME-Zarr labels (+ overlap layers), table, GeoJSON, QC report."""
     from nuclei_app.errors import UsageError
@@ -240,8 +245,10 @@ def segment_command(
     if nprocs > 1 and dask_scheduler:
         raise UsageError("give either --nprocs or --dask-scheduler, not both")
     if model is not None:
-        spec = PredictorSpec("model", model_dir=str(model), device=device)
+        spec = PredictorSpec("model", model_dir=str(model), device=device, score_threshold=score_threshold)
     else:
+        if score_threshold is not None:
+            raise UsageError("--score-threshold applies to a model (--model), not to the weak labeler")
         weak_methods = {"weak": "log", "weak-log": "log", "weak-otsu": "otsu"}
         if method not in weak_methods:
             raise UsageError(f"--method must be one of {', '.join(weak_methods)}, got {method!r}")
@@ -265,7 +272,8 @@ def segment_command(
         # With a table the per-nucleus scores and head agreement are already measured: QC reads
         # them instead of running the model over the slide a second time (which doubled the time).
         qc = write_qc_report(output, image, qc_path, model_dir=None if table is not None else model, table_path=table,
-                             nuclear_channels=nuclear_channels, device=device if device != "auto" else "cpu")
+                             nuclear_channels=nuclear_channels, device=device if device != "auto" else "cpu",
+                             score_threshold=score_threshold)
         typer.echo(f"QC {qc.status} -> {qc.path}")
 
 

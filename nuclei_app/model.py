@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -543,6 +545,8 @@ def count_parameters(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- saved models and inference
 
 WEIGHTS_FILE = "weights.pt"
+#: Score cut-off of models whose card predates per-model thresholds (`model_score_threshold`).
+DEFAULT_SCORE_THRESHOLD = 0.5
 MODEL_CARD_FILE = "model_card.json"
 TRAINING_REPORT_FILE = "training_report.json"
 
@@ -604,6 +608,11 @@ class NucleiPredictor:
         return list(self.card["channels"])
 
     @property
+    def diameter_px(self) -> float:
+        """Typical nucleus diameter the model expects, in tile pixels."""
+        return self.model.preset.canonical_diameter / self.scale
+
+    @property
     def max_object_px(self) -> float:
         """Largest nucleus the model can output, in tile pixels (for choosing the tile overlap)."""
         largest_anchor = max(max(sizes) for sizes in self.model.preset.anchor_sizes)
@@ -621,7 +630,7 @@ class NucleiPredictor:
     @torch.no_grad()
     def predict_batch(self, tiles: list) -> list:
         """Predict tiles, each float32 (C, H, W) normalised by slide percentiles -> list of `Instances`."""
-        from nuclei_app.instances import Instances, suppress_hidden
+        from nuclei_app.instances import Instances, suppress_hidden, trim_to_local_contrast
 
         if not tiles:
             return []
@@ -639,7 +648,7 @@ class NucleiPredictor:
             batch[index, :, : tile.shape[1], : tile.shape[2]] = tile
         results = self.model.predict(batch.to(self.device), flips=self.flips, score_threshold=self.score_threshold)
         output = []
-        for (tile_h, tile_w), tile, result in zip(shapes, resized, results):
+        for (tile_h, tile_w), original, tile, result in zip(shapes, tiles, resized, results):
             # Drop detections centred in the padding, then map boxes back to tile pixels.
             centre_y = (result.boxes[:, 1] + result.boxes[:, 3]) / 2
             centre_x = (result.boxes[:, 0] + result.boxes[:, 2]) / 2
@@ -651,6 +660,8 @@ class NucleiPredictor:
             mask_boxes, crops = paste_mask_crops(result.mask_probs[inside], boxes)
             instances = Instances.from_crops((tile_h, tile_w), mask_boxes, crops, result.scores[inside].cpu().numpy(),
                                              result.head_agreement[inside].cpu().numpy())
+            instances = trim_to_local_contrast(instances, np.asarray(original, dtype=np.float32).mean(axis=0),
+                                               self.diameter_px, OUTLINE_CONTRAST_FRACTION)
             output.append(suppress_hidden(instances.select(instances.areas() > 0), MAX_HIDDEN_SHARE))
         return output
 
@@ -660,15 +671,23 @@ def round_up_to_multiple(n: int, multiple: int = 32) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
+def model_score_threshold(card: dict) -> float:
+    """The score cut-off a model card records (chosen at training), or 0.5 for older cards."""
+    return float(card.get("inference", {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD))
+
+
 def load_predictor(model_dir, device: str = "cpu", pixel_size_um=None, diameter_px: float | None = None,
-                   flips: tuple[str, ...] = ("none",)) -> NucleiPredictor:
+                   flips: tuple[str, ...] = ("none",), score_threshold: float | None = None) -> NucleiPredictor:
     """Load a model folder as a `NucleiPredictor` for slides of the given pixel size.
 
     The resize factor maps the slide's nuclei to the model's canonical diameter: from
     ``diameter_px`` when given, else from the training diameter in micrometres and the
-    slide's pixel size, else assuming the training images' resolution.
+    slide's pixel size, else assuming the training images' resolution. Objects scoring
+    below ``score_threshold`` (default: the model card's, see `model_score_threshold`) are dropped.
     """
     model, card = load_model(model_dir, device)
+    if score_threshold is None:
+        score_threshold = model_score_threshold(card)
     scale_info = card["scale"]
     if diameter_px is None:
         if pixel_size_um and scale_info.get("training_diameter_um"):
@@ -680,4 +699,4 @@ def load_predictor(model_dir, device: str = "cpu", pixel_size_um=None, diameter_
     # pixels then map onto whole canonical pixels, so a nucleus is resampled identically in every
     # tile that sees it (a few per cent of scale is harmless; a phase shift is not).
     scale = max(round(scale * SCALE_GRID), 1) / SCALE_GRID
-    return NucleiPredictor(model, card, device=device, scale=scale, flips=flips)
+    return NucleiPredictor(model, card, device=device, scale=scale, flips=flips, score_threshold=score_threshold)

@@ -978,6 +978,7 @@ def compute_qc(
     nuclear_channels: str | Sequence[str] | None = None,
     overlay_prefix: str = "overlays",
     device: str = "cpu",
+    score_threshold: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """QC of a segmentation of one slide, without ground truth.
 
@@ -998,6 +999,8 @@ def compute_qc(
         Channel names (default: the model's channels, or every recognised nuclear stain).
     overlay_prefix : str
         Relative folder written into the report for overlay PNG paths.
+    score_threshold : float, optional
+        The model's score cut-off the labels were made with (default: its card's).
     device : str
         Device for the model (``cpu``, ``cuda``, ``auto``).
 
@@ -1044,7 +1047,8 @@ def compute_qc(
         if model_dir is not None:
             from nuclei_app.model import load_predictor
 
-            predictor = load_predictor(model_dir, device=resolve_device(device), pixel_size_um=slide.pixel_size_um)
+            predictor = load_predictor(model_dir, device=resolve_device(device), pixel_size_um=slide.pixel_size_um,
+                                       score_threshold=score_threshold)
             model_card = predictor.card
             channels = resolve_channels(slide, predictor, nuclear_channels)
         else:
@@ -1472,6 +1476,7 @@ def write_qc_report(
     table_path: str | Path | None = None,
     nuclear_channels: str | Sequence[str] | None = None,
     device: str = "cpu",
+    score_threshold: float | None = None,
 ) -> QCResult:
     """Compute the QC of a segmentation and write the schema-valid JSON (+ overlay PNGs).
 
@@ -1495,6 +1500,8 @@ def write_qc_report(
         Per-nucleus TSV (default: found beside the labels).
     nuclear_channels : str or sequence of str, optional
     device : str
+    score_threshold : float, optional
+        The model's score cut-off the labels were made with (default: its card's).
 
     Returns
     -------
@@ -1518,6 +1525,7 @@ def write_qc_report(
     report, overlays = compute_qc(
         labels_path, image_path, model_dir=model_dir, thresholds=thresholds, table_path=table_path,
         nuclear_channels=nuclear_channels, overlay_prefix=overlay_dir.name, device=device,
+        score_threshold=score_threshold,
     )
     validate_qc_report(report)
     written_dir = None

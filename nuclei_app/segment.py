@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from nuclei_app import __version__
+from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
 from nuclei_app.errors import (
     BadDataError,
     CannotCreateOutputError,
@@ -85,6 +86,8 @@ class PredictorSpec:
         Nucleus diameter in pixels (weak labeler; a model when the pixel size cannot give its
         scale); `segment_slide` estimates it once
         per slide when absent, so every tile uses the same scale.
+    score_threshold : float, optional
+        Consensus-score cut-off (model only); default: the one the model card records.
     """
 
     kind: str
@@ -92,6 +95,7 @@ class PredictorSpec:
     method: str = "log"
     device: str = "cpu"
     diameter: float | None = None
+    score_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("model", "weak"):
@@ -100,6 +104,8 @@ class PredictorSpec:
             raise UsageError("a model predictor needs a model folder (--model MODEL_DIR)")
         if self.device not in ("cpu", "cuda", "auto"):
             raise UsageError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
+            raise UsageError(f"--score-threshold must be between 0 and 1, got {self.score_threshold}")
 
 
 class WeakPredictor:
@@ -186,7 +192,8 @@ def get_predictor(spec: PredictorSpec, pixel_size_um: tuple[float, float] | None
             from nuclei_app.model import load_predictor
 
             _PREDICTORS[key] = load_predictor(
-                spec.model_dir, device=resolve_device(spec.device), pixel_size_um=key[1], diameter_px=spec.diameter
+                spec.model_dir, device=resolve_device(spec.device), pixel_size_um=key[1], diameter_px=spec.diameter,
+                score_threshold=spec.score_threshold,
             )
     return _PREDICTORS[key]
 
@@ -851,6 +858,8 @@ def _segment(
                 "kind": spec.kind,
                 "method": spec.method if spec.kind == "weak" else None,
                 "diameter_px": spec.diameter,
+                "score_threshold": predictor.score_threshold if spec.kind == "model" else None,
+                "outline_contrast_fraction": OUTLINE_CONTRAST_FRACTION if spec.kind == "model" else None,
             },
             "tile": grid.tile,
             "overlap": grid.overlap,

@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from nuclei_app import __version__
-from nuclei_app.config import TrainingConfig
+from nuclei_app.config import OUTLINE_CONTRAST_FRACTION, TrainingConfig
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError, UsageError
 from nuclei_app.provenance import path_sha256, software_versions
 from nuclei_app.read import normalise_intensities
 from nuclei_app.model import (
     MAX_HIDDEN_SHARE,
+    DEFAULT_SCORE_THRESHOLD,
     MODEL_CARD_FILE,
     TRAINING_REPORT_FILE,
     WEIGHTS_FILE,
@@ -41,7 +42,7 @@ from nuclei_app.model import (
     count_parameters,
     paste_mask_crops,
 )
-from nuclei_app.instances import Instances, suppress_hidden
+from nuclei_app.instances import Instances, suppress_hidden, trim_to_local_contrast
 
 log = logging.getLogger(__name__)
 MIN_NUCLEI_TO_TRAIN = 5
@@ -727,11 +728,14 @@ def train_model(
     default_steps = config.steps_per_round or preset.default_steps_per_round
     rounds_report = []
     timed_out = False
+    prediction_pass_seconds = 0.0
     for round_index in range(config.rounds + 1):
         round_started = time.time()
         stats = RefinementStats()
         if round_index > 0:
+            pass_started = time.monotonic()
             stats = _self_label(model, images, config, device)
+            prediction_pass_seconds = time.monotonic() - pass_started
             say(
                 f"round {round_index}: corrected {stats.corrected} (split {stats.split}, merged {stats.merged}, "
                 f"outlines {stats.outline_fixed}), added {stats.added}, removed {stats.removed}"
@@ -739,6 +743,9 @@ def train_model(
         steps = default_steps if round_index == 0 else max(default_steps // 2, 1)
         # Later rounds fine-tune; the round's remaining share of the time budget caps it.
         round_deadline = min(deadline, time.monotonic() + _round_share(round_index, config) * config.max_minutes * 60)
+        if round_index == config.rounds:
+            # The last round leaves time for choosing the score threshold (one more prediction pass).
+            round_deadline -= prediction_pass_seconds
 
         recent: list[float] = []
 
@@ -785,6 +792,9 @@ def train_model(
             say("time budget spent; stopping after this round")
             break
 
+    threshold_choice = choose_score_threshold(model, images, device)
+    say(f"score threshold {threshold_choice['score_threshold']:.2f} "
+        f"(F1 {max(threshold_choice['f1_vs_pseudo_labels']):.3f} against the pseudo-labels)")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights_hash = hashlib.sha256()
     for key in sorted(state):
@@ -832,6 +842,7 @@ def train_model(
             "data": provenance,
             "human_labels_used": human_labels is not None,
         },
+        "inference": threshold_choice,
         "weights": {"file": WEIGHTS_FILE, "sha256": weights_hash.hexdigest()},
         "software": software_versions(),
     }
@@ -898,14 +909,97 @@ def _self_label(model, images: list[TrainingImage], config: TrainingConfig, devi
     return total
 
 
+# ----------------------------------------------------------------------------- score threshold
+
+#: Consensus-score cut-offs `choose_score_threshold` tries (0.10, 0.15, ..., 0.90).
+SCORE_THRESHOLD_CANDIDATES: tuple[float, ...] = tuple(round(0.10 + 0.05 * i, 2) for i in range(17))
+#: Below this best F1 against its pseudo-labels a student keeps the default cut-off.
+MIN_F1_TO_CHOOSE_THRESHOLD = 0.2
+
+
+def threshold_agreement(student: np.ndarray, student_score: np.ndarray, teacher: np.ndarray, ignore: np.ndarray,
+                        candidates: Sequence[float] = SCORE_THRESHOLD_CANDIDATES) -> np.ndarray:
+    """How well the student's objects above each score cut-off reproduce the teacher's.
+
+    Parameters
+    ----------
+    student, teacher : uint32 (H, W) label images.
+    student_score : float32 (n+1,), consensus score of student label id i at index i.
+    ignore : bool (H, W), where the teacher does not know; unmatched student objects lying
+        mostly there count neither way (they may be nuclei the teacher missed).
+    candidates : the cut-offs.
+
+    Returns
+    -------
+    int64 (len(candidates), 3): true positives, false positives, false negatives at IoU > 0.5.
+    """
+    from nuclei_app.evaluate import iou_matrix
+
+    iou, student_ids, teacher_ids = iou_matrix(student, teacher)
+    # Pairs with IoU > 0.5 are one-to-one, so no assignment is needed.
+    matched = iou.max(axis=1) > 0.5 if iou.size else np.zeros(len(student_ids), dtype=bool)
+    areas = np.bincount(student.ravel(), minlength=len(student_score))
+    in_ignore = np.bincount(student[ignore].ravel(), minlength=len(student_score))
+    ignored = in_ignore[student_ids] >= 0.5 * areas[student_ids]
+    scores = student_score[student_ids]
+    tallies = np.zeros((len(candidates), 3), dtype=np.int64)
+    for row, cut in enumerate(candidates):
+        above = scores >= cut
+        true_positives = int((above & matched).sum())
+        tallies[row] = (true_positives, int((above & ~matched & ~ignored).sum()), len(teacher_ids) - true_positives)
+    return tallies
+
+
+def choose_score_threshold(model: MultiHeadMaskRCNN, images: list[TrainingImage], device: str = "cpu",
+                           candidates: Sequence[float] = SCORE_THRESHOLD_CANDIDATES) -> dict:
+    """The consensus-score cut-off at which the student best reproduces its own pseudo-labels.
+
+    No human labels are used: the student labels its training images once at the lowest
+    cut-off, and each candidate is scored by F1 (IoU > 0.5) against the final pseudo-labels
+    (`threshold_agreement`). A fixed 0.5 suits no data set in particular: on sparse, bright
+    nuclei the heads are sure, on dim or crowded ones their scores run lower.
+
+    Returns
+    -------
+    dict with ``score_threshold`` (float) and, per candidate, ``candidates`` and
+    ``f1_vs_pseudo_labels`` (recorded in the model card).
+    """
+    tallies = np.zeros((len(candidates), 3), dtype=np.int64)
+    for item in images:
+        student, score, _ = predict_label_image(model, item.image, device=device, flips=("none",),
+                                                score_threshold=min(candidates))
+        tallies += threshold_agreement(student, score, item.labels, item.ignore, candidates)
+    true_positives, false_positives, false_negatives = tallies.T
+    f1 = 2 * true_positives / np.maximum(2 * true_positives + false_positives + false_negatives, 1)
+    if f1.max() < MIN_F1_TO_CHOOSE_THRESHOLD:
+        # A student this far from its own pseudo-labels (a few steps of training) gives no
+        # basis for a choice, and a low cut-off would flood slides with its noise.
+        threshold = DEFAULT_SCORE_THRESHOLD
+        method = (f"default {DEFAULT_SCORE_THRESHOLD}: the student matched its pseudo-labels with F1 "
+                  f"{f1.max():.3f} < {MIN_F1_TO_CHOOSE_THRESHOLD} at every cut-off")
+    else:
+        best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # ties go to the stricter cut-off
+        threshold = float(candidates[best])
+        method = "best F1 at IoU > 0.5 against the final pseudo-labels on the training images (ignore regions excluded)"
+    return {
+        "score_threshold": threshold,
+        "method": method,
+        "candidates": [float(c) for c in candidates],
+        "f1_vs_pseudo_labels": [round(float(v), 4) for v in f1],
+    }
+
+
 def _jsonable(values: dict) -> dict:
     return {k: (list(map(list, v)) if k == "anchor_sizes" else list(v) if isinstance(v, tuple) else v)
             for k, v in values.items()}
 
 
 def predict_native_labels(model: MultiHeadMaskRCNN, image: np.ndarray, scale: float, device: str = "cpu",
-                          flips: tuple[str, ...] = ("none", "h"), score_threshold: float = 0.5) -> np.ndarray:
-    """Label a normalised image (C, H, W) at its own resolution: resize by ``scale``, predict, resize back.
+                          flips: tuple[str, ...] = ("none", "h"), score_threshold: float = 0.5,
+                          outline_contrast_fraction: float | None = OUTLINE_CONTRAST_FRACTION) -> np.ndarray:
+    """Label a normalised image (C, H, W) at its own resolution: resize by ``scale``, predict, resize
+    back, trim outlines to the stain (`trim_to_local_contrast`; ``outline_contrast_fraction=None``:
+    untrimmed, for ablations).
 
     Returns uint32 (H, W). For scoring whole images against ground truth (benchmarks, tests);
     slides go through `nuclei_app.segment`, which tiles, stitches and streams.
@@ -914,4 +1008,10 @@ def predict_native_labels(model: MultiHeadMaskRCNN, image: np.ndarray, scale: fl
                                        score_threshold=score_threshold)
     rows = np.minimum((np.arange(image.shape[1]) * scale).astype(int), labels.shape[0] - 1)
     cols = np.minimum((np.arange(image.shape[2]) * scale).astype(int), labels.shape[1] - 1)
-    return labels[np.ix_(rows, cols)]
+    labels = labels[np.ix_(rows, cols)]
+    if outline_contrast_fraction is None:
+        return labels
+    # Outlines trimmed at native resolution as `NucleiPredictor` trims them in slides.
+    instances = trim_to_local_contrast(Instances.from_label_image(labels), image.mean(axis=0),
+                                       model.preset.canonical_diameter / scale, outline_contrast_fraction)
+    return instances.select(instances.areas() > 0).to_label_image()

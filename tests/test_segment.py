@@ -436,12 +436,39 @@ def test_model_segments_a_slide_through_the_cli(run_cli, tiny_model, slide, tmp_
     record = read_run_record(out)
     assert record["parameters"]["predictor"]["kind"] == "model"
     assert record["parameters"]["nuclear_channels"] == ["DAPI", "Histone H3"]
+    card = json.loads((tiny_model / "model_card.json").read_text())
+    assert record["parameters"]["predictor"]["score_threshold"] == card["inference"]["score_threshold"]
     assert [entry["path"] for entry in record["inputs"]][1] == str(tiny_model.resolve())
     table = read_nuclei_table(tmp_path / "model.tsv")
     assert table["label"].size == record["summary"]["n_nuclei"]
     # The self-diagnosis reads the scores the segmentation wrote rather than rerunning the model.
     qc = json.loads((tmp_path / "model_qc.json").read_text())
     assert qc["provenance"]["parameters"]["scores_from"] == "table"
+
+
+@pytest.mark.slow
+def test_score_threshold_option_drops_less_confident_nuclei_and_is_recorded(run_cli, trained_model_dir, tmp_path):
+    from conftest import SAMPLE_IMAGE
+
+    counts = {}
+    for name, options in (("default", []), ("strict", ["--score-threshold", "0.9"])):
+        out = tmp_path / f"{name}.ome.zarr"
+        result = run_cli("segment", SAMPLE_IMAGE, "--model", trained_model_dir, "-o", out, "--table",
+                         tmp_path / f"{name}.tsv", "--no-qc", *options)
+        assert result.exit_code == 0, result.stderr
+        record = read_run_record(out)
+        counts[name] = record["summary"]["n_nuclei"]
+        table = read_nuclei_table(tmp_path / f"{name}.tsv")
+        threshold = record["parameters"]["predictor"]["score_threshold"]
+        assert table["score"].min() >= threshold
+    assert threshold == 0.9
+    assert 0 < counts["strict"] < counts["default"]
+    for options in (["--model", trained_model_dir, "--score-threshold", "1.5"],
+                    ["--method", "weak", "--score-threshold", "0.5"]):
+        result = run_cli("segment", SAMPLE_IMAGE, *options, "-o", tmp_path / "bad.ome.zarr")
+        assert result.exit_code == ExitCode.USAGE, result.stderr
+        assert len(_errors(result.stderr)) == 1 and "--score-threshold" in result.stderr
+        assert not (tmp_path / "bad.ome.zarr").exists()
 
 
 @pytest.mark.slow

@@ -188,3 +188,50 @@ def test_shape_descriptors_of_simple_shapes():
     assert solidity == pytest.approx(1.0) and eccentricity > 0.99
     ring = _disc((40, 40), 20, 20, 15, 15) & ~_disc((40, 40), 20, 20, 10, 10)
     assert shape_descriptors(ring)[0] < 0.6
+
+
+# ----------------------------------------------------------------------------- outline trimming
+
+
+def _disk(shape, centre, radius):
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_trim_to_local_contrast_pulls_spilled_outlines_back_to_the_stain():
+    from nuclei_app.instances import trim_to_local_contrast
+
+    shape = (64, 96)
+    nucleus, dim_nucleus = _disk(shape, (32, 24), 8), _disk(shape, (32, 70), 8)
+    stain = np.full(shape, 0.05, np.float32)
+    stain[nucleus] = 0.8
+    stain[_disk(shape, (32, 24), 2)] = 0.1  # a dark nucleolus: not a hole in the nucleus
+    stain[dim_nucleus] = 0.2
+    stain += np.random.default_rng(0).normal(0, 0.01, shape).astype(np.float32)
+    spilled = [_disk(shape, (32, 24), 10), _disk(shape, (32, 70), 10)]  # the model draws ~2 px wide
+    instances = Instances(np.stack(spilled), np.array([0.9, 0.4], np.float32), np.array([0.8, 0.7], np.float32))
+    trimmed = trim_to_local_contrast(instances, stain, diameter=16.0, fraction=0.3)
+    masks = trimmed.masks
+    for before, after, truth in zip(spilled, masks, (nucleus, dim_nucleus)):
+        # Trimmed, never grown, to within about a pixel of the stain edge (the outline is
+        # drawn on the smoothed stain, 30% of the way up: soft edges stay in).
+        assert not (after & ~before).any()
+        assert _iou(before, truth) < 0.65 and _iou(after, truth) > 0.78
+    assert masks[0][32, 24]  # the nucleolus stays inside
+    assert trimmed.scores.tolist() == pytest.approx([0.9, 0.4])
+    assert trimmed.head_agreement.tolist() == pytest.approx([0.8, 0.7])
+
+
+def test_trim_to_local_contrast_leaves_objects_that_do_not_stand_out_alone():
+    from nuclei_app.instances import trim_to_local_contrast
+
+    shape = (48, 48)
+    flat = np.full(shape, 0.3, np.float32)
+    instances = Instances(_disk(shape, (24, 24), 9)[None], np.array([0.7], np.float32))
+    trimmed = trim_to_local_contrast(instances, flat, diameter=16.0)
+    assert np.array_equal(trimmed.masks, instances.masks)
+    assert len(trim_to_local_contrast(Instances.empty(shape), flat, diameter=16.0)) == 0

@@ -14,7 +14,7 @@ from nuclei_app.config import TrainingConfig
 from nuclei_app.errors import ExitCode
 from nuclei_app.model import MODEL_CARD_FILE, TRAINING_REPORT_FILE, WEIGHTS_FILE, load_model, load_predictor
 from nuclei_app.schemas import schema_errors
-from nuclei_app.train import refine_pseudo_labels
+from nuclei_app.train import SCORE_THRESHOLD_CANDIDATES, refine_pseudo_labels, threshold_agreement
 
 FAST = ["--steps", "12", "--rounds", "1", "--heads", "2", "--max-minutes", "5"]
 
@@ -54,6 +54,53 @@ def test_train_writes_weights_card_and_report_that_match_their_schemas(trained, 
     assert report["rounds"][0]["pseudo_labels"]["objects"] > 20
     state = torch.load(trained / WEIGHTS_FILE, weights_only=True)
     assert all(isinstance(value, torch.Tensor) for value in state.values())
+
+
+def test_score_threshold_is_chosen_against_the_pseudo_labels_recorded_and_used(trained_model_dir, crop_image):
+    card = json.loads((trained_model_dir / MODEL_CARD_FILE).read_text())
+    choice = card["inference"]
+    assert choice["candidates"] == list(SCORE_THRESHOLD_CANDIDATES)
+    f1 = choice["f1_vs_pseudo_labels"]
+    # A trained student reproduces most of its pseudo-labels at its best cut-off, and worse
+    # at the strictest one (it is less sure of dim and crowded nuclei).
+    assert len(f1) == len(SCORE_THRESHOLD_CANDIDATES) and max(f1) > 0.5 and f1[-1] < max(f1)
+    assert choice["score_threshold"] == choice["candidates"][int(np.argmax(f1))]
+    tile = tifffile.imread(crop_image).astype(np.float32)[None] / 255.0
+    chosen = load_predictor(trained_model_dir)
+    assert chosen.score_threshold == choice["score_threshold"]
+    scores = chosen.predict_batch([tile])[0].scores
+    assert len(scores) > 20 and scores.min() >= choice["score_threshold"]
+    strict = load_predictor(trained_model_dir, score_threshold=0.9)
+    assert len(strict.predict_batch([tile])[0]) == int((scores >= 0.9).sum()) < len(scores)
+
+
+def test_an_untrained_student_keeps_the_default_score_threshold():
+    from nuclei_app.config import get_preset
+    from nuclei_app.model import DEFAULT_SCORE_THRESHOLD, build_model
+    from nuclei_app.train import TrainingImage, choose_score_threshold
+
+    torch.manual_seed(0)
+    model = build_model(1, get_preset("tiny"), heads=1)
+    labels = _labels((256, 256), [((y, x), 7) for y in range(24, 256, 48) for x in range(24, 256, 48)])
+    image = np.random.default_rng(0).random((1, 256, 256)).astype(np.float32)
+    item = TrainingImage("noise", image, 1.0, {}, labels=labels, confidence=_confident(int(labels.max())),
+                         ignore=np.zeros(labels.shape, bool))
+    choice = choose_score_threshold(model, [item])
+    assert max(choice["f1_vs_pseudo_labels"]) < 0.2
+    assert choice["score_threshold"] == DEFAULT_SCORE_THRESHOLD and choice["method"].startswith("default")
+
+
+def test_threshold_agreement_counts_matches_misses_and_ignores_unknown_ground():
+    shape = (64, 96)
+    teacher = _labels(shape, [((16, 16), 6), ((16, 48), 6), ((16, 80), 6)])
+    # The student finds the three teacher nuclei (scores 0.9, 0.6, 0.3), one nucleus inside
+    # the teacher's ignore region (0.8) and one on plain background (0.2).
+    student = _labels(shape, [((16, 16), 6), ((16, 48), 6), ((16, 80), 6), ((48, 20), 6), ((48, 70), 6)])
+    scores = np.array([0.0, 0.9, 0.6, 0.3, 0.8, 0.2], np.float32)
+    ignore = np.zeros(shape, bool)
+    ignore[38:60, 8:32] = True
+    tallies = threshold_agreement(student, scores, teacher, ignore, candidates=(0.1, 0.25, 0.5, 0.95))
+    assert tallies.tolist() == [[3, 1, 0], [3, 0, 0], [2, 0, 1], [0, 0, 3]]
 
 
 def test_same_inputs_and_seed_give_identical_weights_and_labels(trained, crop_image, tmp_path, run_cli):
