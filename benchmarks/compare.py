@@ -51,9 +51,14 @@ METHODS: list[tuple[str, str, str]] = [
     ("ablation_no_expansion", "nuclei_app without expansion", "ablation"),
     ("ablation_no_ignore", "nuclei_app without ignore regions", "ablation"),
     ("ablation_one_teacher", "nuclei_app with the LoG teacher only", "ablation"),
+    # Inference-only ablations: nuclei_app's own weights, predicted without one step.
+    ("ablation_no_outline_trim", "nuclei_app without the outline trim (same weights)", "ablation"),
+    ("ablation_fixed_threshold", "nuclei_app at score 0.5 instead of the chosen cut-off (same weights)", "ablation"),
     ("stardist_supervised", "StarDist on human masks of the train split", "upper bound"),
     ("nuclei_app_supervised", "nuclei_app on human masks of the train split", "upper bound"),
 ]
+#: Rows scored from the full nuclei_app run's extra predictions, not run on their own.
+FROM_NUCLEI_APP_RUN = ("ablation_no_outline_trim", "ablation_fixed_threshold")
 GROUP = {name: group for name, _, group in METHODS}
 DESCRIPTION = {name: text for name, text, _ in METHODS}
 TEACHER = "log"
@@ -434,6 +439,9 @@ def benchmark_source(folder: Path, args: argparse.Namespace, methods: list[str])
                                    group="rounds", description=f"{method} after self-training round {round_index}"))
         if rounds:
             phenomena = correction_and_expansion(rounds, pseudo_dir, names, pairs)
+        for name, prediction_dir in (outcome.get("inference_ablation_dirs") or {}).items():
+            if not args.no_ablations:
+                rows.append(method_row(name, outcome, Path(prediction_dir), subsets, pairs))
     result = {
         "source": folder.name,
         "data": str(folder),
@@ -471,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help="a folder of NAME_img.tif/NAME_masks.tif pairs, or of such folders")
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="wall-clock training budget per method")
-    parser.add_argument("--methods", default=",".join(name for name, _, _ in METHODS),
+    parser.add_argument("--methods", default=",".join(name for name, _, _ in METHODS if name not in FROM_NUCLEI_APP_RUN),
                         help="comma-separated subset, in table order (default: all)")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--no-upper-bounds", action="store_true")
@@ -486,9 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None:
         parser.error("--data is required")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(GROUP))
+    unknown = sorted(set(methods) - set(GROUP) | set(methods) & set(FROM_NUCLEI_APP_RUN))
     if unknown:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(GROUP)}")
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(n for n in GROUP if n not in FROM_NUCLEI_APP_RUN)}")
     methods = [name for name, _, group in METHODS if name in methods
                and not (args.no_ablations and group == "ablation")
                and not (args.no_upper_bounds and group == "upper bound")]

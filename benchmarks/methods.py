@@ -128,7 +128,9 @@ NUCLEI_APP_VARIANTS: dict[str, dict] = {
 
 def run_nuclei_app(task: Task) -> dict:
     from nuclei_app.config import TrainingConfig
-    from nuclei_app.train import predict_native_labels, train_model
+    from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
+    from nuclei_app.model import DEFAULT_SCORE_THRESHOLD, model_score_threshold
+    from nuclei_app.train import choose_score_threshold, predict_native_labels, train_model
     from nuclei_app.weak import estimate_nucleus_diameter
 
     supervised = task.method == "nuclei_app_supervised"
@@ -139,25 +141,27 @@ def run_nuclei_app(task: Task) -> dict:
     model_dir = Path(task.work_dir) / "model"
     canonical = config.model_preset.canonical_diameter
 
-    def predict_with(model) -> Callable[[str], np.ndarray]:
+    def predict_with(model, score_threshold: float, trim: bool = True) -> Callable[[str], np.ndarray]:
         def predict_one(name: str) -> np.ndarray:
             image, pixel_size = normalised_image(task.image_paths[name])
             diameter = estimate_nucleus_diameter(image.mean(0), pixel_size_um=pixel_size)
-            return predict_native_labels(model, image, canonical / max(diameter, 1.0))
+            return predict_native_labels(model, image, canonical / max(diameter, 1.0), score_threshold=score_threshold,
+                                         outline_contrast_fraction=OUTLINE_CONTRAST_FRACTION if trim else None)
         return predict_one
 
     hook_seconds = 0.0
 
-    def per_round(model, round_index, _images) -> dict:
+    def per_round(model, round_index, images) -> dict:
         # Predictions after every round: the 0 vs 1 vs R rounds comparison (this time is not
-        # charged to the training budget: train_model excludes its evaluation hook).
+        # charged to the training budget: train_model excludes its evaluation hook). Each round's
+        # model gets its score threshold chosen as train_model chooses the final one.
         nonlocal hook_seconds
         started = time.time()
-        model.eval()
-        predict_all(task, predict_with(model), folder=str(Path(task.work_dir) / f"round_{round_index}"))
+        threshold = choose_score_threshold(model, images)["score_threshold"]
+        predict_all(task, predict_with(model, threshold), folder=str(Path(task.work_dir) / f"round_{round_index}"))
         model.train()
         hook_seconds += time.time() - started
-        return {}
+        return {"score_threshold": threshold}
 
     started = time.time()
     inputs = [task.image_paths[n] for n in task.train_names]
@@ -169,9 +173,22 @@ def run_nuclei_app(task: Task) -> dict:
                          human_labels=masks)
     train_seconds = time.time() - started - hook_seconds
     result.model.eval()
-    timings = predict_all(task, predict_with(result.model))
+    chosen = model_score_threshold(result.card)
+    if task.method == "plain_maskrcnn":  # the stock recipe: a fixed 0.5 cut-off, outlines as drawn
+        timings = predict_all(task, predict_with(result.model, DEFAULT_SCORE_THRESHOLD, trim=False))
+    else:
+        timings = predict_all(task, predict_with(result.model, chosen))
+    # Inference-only ablations of the full method: the same weights without the outline trim,
+    # and with the fixed 0.5 cut-off instead of the chosen one.
+    inference_ablations = {}
+    if task.method == "nuclei_app":
+        for name, threshold, trim in (("ablation_no_outline_trim", chosen, False),
+                                      ("ablation_fixed_threshold", DEFAULT_SCORE_THRESHOLD, True)):
+            inference_ablations[name] = str(Path(task.work_dir) / name)
+            predict_all(task, predict_with(result.model, threshold, trim), folder=inference_ablations[name])
     rounds = [entry["round"] for entry in result.report["rounds"]]
-    return {"train_seconds": train_seconds, **timings, "rounds": rounds,
+    return {"train_seconds": train_seconds, **timings, "rounds": rounds, "score_threshold": chosen,
+            "inference_ablation_dirs": inference_ablations,
             "round_prediction_dirs": {} if not per_round_wanted else
             {str(r): str(Path(task.work_dir) / f"round_{r}") for r in rounds},
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items()}}

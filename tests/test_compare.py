@@ -97,6 +97,11 @@ def test_trained_methods_rounds_and_upper_bounds(benchmark):
     assert [r for r in rows if r.startswith("nuclei_app_round_")][0] == "nuclei_app_round_0"
     assert all(rows[r]["group"] == "rounds" and rows[r]["train_seconds"] is None
                for r in rows if r.startswith("nuclei_app_round_"))
+    # Inference-only ablations: the full run's own weights, scored without one inference step.
+    for name in ("ablation_no_outline_trim", "ablation_fixed_threshold"):
+        assert rows[name]["group"] == "ablation" and rows[name]["status"] == "ok"
+        assert rows[name]["scores"]["all"]["n_images"] == 3
+        assert rows[name]["scores"]["all"]["n_gt"] == ours["scores"]["all"]["n_gt"]
     upper = rows["nuclei_app_supervised"]
     assert upper["status"] == "ok" and upper["scores"]["all"] is None  # never scored on its own training images
     assert upper["scores"]["held_out"]["n_images"] == len(result["split"]["held_out"]) == 1
@@ -164,6 +169,9 @@ def test_a_method_over_its_time_is_a_recorded_failure(source, tmp_path):
 
 def test_unknown_method_and_empty_folder_are_usage_errors(tmp_path):
     assert run_compare(tmp_path, tmp_path / "out", tmp_path / "work", "--methods", "magic").returncode == 2
+    # rows scored from the nuclei_app run cannot be run on their own
+    assert run_compare(tmp_path, tmp_path / "out", tmp_path / "work", "--methods",
+                       "ablation_no_outline_trim").returncode == 2
     completed = run_compare(tmp_path, tmp_path / "out", tmp_path / "work")
     assert completed.returncode == 66 and "no NAME_img.tif" in completed.stderr
 
