@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
+
 
 def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Half-open ``(y0, x0, y1, x1)`` of the True pixels of a 2-D mask, None when empty."""
@@ -203,7 +205,7 @@ def suppress_hidden(instances: Instances, max_hidden_share: float = 0.5) -> Inst
 
 
 def trim_to_local_contrast(instances: Instances, composite: np.ndarray, diameter: float,
-                           fraction: float = 0.3) -> Instances:
+                           fraction: float = OUTLINE_CONTRAST_FRACTION) -> Instances:
     """Trim each mask to the pixels that stand out from that nucleus' own surroundings.
 
     The model draws outlines at its canonical scale from a coarse feature map, so its masks

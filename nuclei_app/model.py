@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-
-from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -661,7 +659,7 @@ class NucleiPredictor:
             instances = Instances.from_crops((tile_h, tile_w), mask_boxes, crops, result.scores[inside].cpu().numpy(),
                                              result.head_agreement[inside].cpu().numpy())
             instances = trim_to_local_contrast(instances, np.asarray(original, dtype=np.float32).mean(axis=0),
-                                               self.diameter_px, OUTLINE_CONTRAST_FRACTION)
+                                               self.diameter_px)
             output.append(suppress_hidden(instances.select(instances.areas() > 0), MAX_HIDDEN_SHARE))
         return output
 
