@@ -378,6 +378,7 @@ def predict_label_image(
     flips: tuple[str, ...] = ("none", "h"),
     score_threshold: float = 0.3,
     device: str = "cpu",
+    output_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict a canonical-scale image (C, H, W) in overlapping tiles.
 
@@ -386,9 +387,18 @@ def predict_label_image(
     the objects centred in its core; as two tiles' boxes for one nucleus differ slightly, both
     may claim it, so copies mostly hidden under a higher-scoring object are dropped
     (`suppress_hidden`) over the whole image before the labels are painted.
+
+    With ``output_shape``, ``image`` is a native image of that shape resized to canonical scale,
+    and the labels are drawn at native resolution: each mask grid is resized straight into its
+    native box, as `segment` does. Upsampling canonical labels instead would give a nucleus
+    downscaled 5x a staircase outline of 5-pixel steps.
     """
     model.eval()
     _, height, width = image.shape
+    out_height, out_width = output_shape if output_shape is not None else (height, width)
+    # Per axis: `rescale_image` rounds each side, so the factors differ from ``scale`` slightly.
+    to_output = torch.tensor([out_width / width, out_height / height] * 2)
+    min_pixels = 4 * float(to_output[0] * to_output[1])  # 4 canonical pixels
     boxes, crops, scores, agreements = [], [], [], []
     step = tile - overlap
     ys = list(range(0, max(height - tile, 0) + 1, step)) or [0]
@@ -414,28 +424,30 @@ def predict_label_image(
             if not keep.any():
                 continue
             keep_t = torch.from_numpy(np.nonzero(keep)[0])
-            tile_boxes, tile_crops = paste_mask_crops(result.mask_probs[keep_t], result.boxes[keep_t])
-            tile_instances = Instances.from_crops((h, w), tile_boxes, tile_crops, result.scores[keep_t].cpu().numpy(),
+            image_boxes = (result.boxes[keep_t].cpu() + torch.tensor([x0, y0, x0, y0])) * to_output
+            tile_boxes, tile_crops = paste_mask_crops(result.mask_probs[keep_t], image_boxes)
+            tile_instances = Instances.from_crops((out_height, out_width), tile_boxes, tile_crops,
+                                                  result.scores[keep_t].cpu().numpy(),
                                                   result.head_agreement[keep_t].cpu().numpy())
-            boxes.append(tile_instances.boxes + [y0, x0, y0, x0])
+            boxes.append(tile_instances.boxes)
             crops += tile_instances.crops
             scores.append(tile_instances.scores)
             agreements.append(tile_instances.head_agreement)
     if not crops:
         empty = np.zeros(1, np.float32)
-        return np.zeros((height, width), dtype=np.uint32), empty, empty
+        return np.zeros((out_height, out_width), dtype=np.uint32), empty, empty
     instances = suppress_hidden(
-        Instances.from_crops((height, width), np.concatenate(boxes), crops, np.concatenate(scores),
+        Instances.from_crops((out_height, out_width), np.concatenate(boxes), crops, np.concatenate(scores),
                              np.concatenate(agreements)),
         MAX_HIDDEN_SHARE,
     )
-    labels = np.zeros((height, width), dtype=np.uint32)
+    labels = np.zeros((out_height, out_width), dtype=np.uint32)
     kept_scores, kept_agreements = [0.0], [0.0]
     for index in np.argsort(-instances.scores, kind="stable"):  # higher score wins shared pixels
         by0, bx0, by1, bx1 = instances.boxes[index]
         window_labels = labels[by0:by1, bx0:bx1]
         take = instances.crops[index] & (window_labels == 0)
-        if take.sum() < 4:
+        if take.sum() < min_pixels:
             continue
         kept_scores.append(float(instances.scores[index]))
         kept_agreements.append(float(instances.head_agreement[index]))
@@ -997,18 +1009,15 @@ def _jsonable(values: dict) -> dict:
 def predict_native_labels(model: MultiHeadMaskRCNN, image: np.ndarray, scale: float, device: str = "cpu",
                           flips: tuple[str, ...] = ("none", "h"), score_threshold: float = 0.5,
                           outline_contrast_fraction: float | None = OUTLINE_CONTRAST_FRACTION) -> np.ndarray:
-    """Label a normalised image (C, H, W) at its own resolution: resize by ``scale``, predict, resize
-    back, trim outlines to the stain (`trim_to_local_contrast`; ``outline_contrast_fraction=None``:
-    untrimmed, for ablations).
+    """Label a normalised image (C, H, W) at its own resolution: resize by ``scale``, predict, paste
+    the masks at native resolution, trim outlines to the stain (`trim_to_local_contrast`;
+    ``outline_contrast_fraction=None``: untrimmed, for ablations).
 
     Returns uint32 (H, W). For scoring whole images against ground truth (benchmarks, tests);
     slides go through `nuclei_app.segment`, which tiles, stitches and streams.
     """
     labels, _, _ = predict_label_image(model, rescale_image(image, scale), flips=flips, device=device,
-                                       score_threshold=score_threshold)
-    rows = np.minimum((np.arange(image.shape[1]) * scale).astype(int), labels.shape[0] - 1)
-    cols = np.minimum((np.arange(image.shape[2]) * scale).astype(int), labels.shape[1] - 1)
-    labels = labels[np.ix_(rows, cols)]
+                                       score_threshold=score_threshold, output_shape=image.shape[1:])
     if outline_contrast_fraction is None:
         return labels
     # Outlines trimmed at native resolution as `NucleiPredictor` trims them in slides.

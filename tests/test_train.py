@@ -69,7 +69,7 @@ def test_score_threshold_is_chosen_against_the_pseudo_labels_recorded_and_used(t
     chosen = load_predictor(trained_model_dir)
     assert chosen.score_threshold == choice["score_threshold"]
     scores = chosen.predict_batch([tile])[0].scores
-    assert len(scores) > 20 and scores.min() >= choice["score_threshold"]
+    assert len(scores) > 10 and scores.min() >= choice["score_threshold"]
     strict = load_predictor(trained_model_dir, score_threshold=0.9)
     assert len(strict.predict_batch([tile])[0]) == int((scores >= 0.9).sum()) < len(scores)
 
@@ -303,6 +303,27 @@ def test_every_preset_builds_from_scratch_and_takes_a_training_step_and_predicts
     (result,) = model.predict(torch.rand(1, 2, size, size), score_threshold=0.0)
     assert result.mask_probs.shape[1:] == (28, 28)
     assert result.head_scores.shape[0] == 2
+
+
+def test_native_labels_are_pasted_at_native_resolution_not_upsampled_from_canonical(trained_model_dir, crop_image):
+    """A slide downscaled 4x to canonical scale gets outlines drawn on its own pixel grid
+    (as `segment` draws them), not 4 x 4 blocks of upsampled canonical labels."""
+    from nuclei_app.evaluate import score_instances
+    from nuclei_app.train import predict_label_image, predict_native_labels, rescale_image
+
+    model, _ = load_model(trained_model_dir)
+    crop = tifffile.imread(crop_image).astype(np.float32)[None] / 255.0
+    native = torch.nn.functional.interpolate(torch.from_numpy(crop)[None], scale_factor=4, mode="bilinear")[0].numpy()
+    labels = predict_native_labels(model, native, 0.25, flips=("none",), outline_contrast_fraction=None)
+    assert labels.shape == native.shape[1:] and len(np.unique(labels)) > 10
+    blocks = labels.reshape(256, 4, 256, 4)
+    mixed_blocks = (blocks != blocks[:, :1, :, :1]).any(axis=(1, 3)).sum()
+    assert mixed_blocks > len(np.unique(labels))  # outlines cut through the canonical pixels
+    # Same nuclei, same places, as the canonical labels blown up 4x.
+    canonical, _, _ = predict_label_image(model, rescale_image(native, 0.25), flips=("none",), score_threshold=0.5)
+    blown_up = np.kron(canonical, np.ones((4, 4), dtype=canonical.dtype))
+    agreement = score_instances(labels, blown_up)
+    assert agreement["f1_50"] > 0.9 and agreement["mean_matched_iou"] > 0.8
 
 
 @pytest.mark.slow
