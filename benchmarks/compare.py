@@ -221,11 +221,12 @@ def read_labels(path: Path) -> np.ndarray:
 
 
 def score_folder(prediction_dir: Path, names: list[str], pairs: dict[str, tuple[Path, Path]]) -> dict:
-    from nuclei_app.evaluate import score_pooled
+    from nuclei_app.evaluate import aji_plus_breakdown, score_pooled
 
-    scores = score_pooled((tifffile.imread(prediction_dir / f"{n}.tif"), read_labels(pairs[n][1]))
-                          for n in names)
-    return {key: scores[key] for key in SCORE_KEYS} | {"n_images": len(names)}
+    images = [(tifffile.imread(prediction_dir / f"{n}.tif"), read_labels(pairs[n][1])) for n in names]
+    scores = score_pooled(images)
+    return ({key: scores[key] for key in SCORE_KEYS} | {"n_images": len(names)}
+            | {"aji_plus_loss": aji_plus_breakdown(images)})
 
 
 #: A true nucleus the teacher "labelled" overlaps a teacher object at IoU >= this (below: missed).
@@ -344,6 +345,18 @@ def markdown_table(result: dict) -> str:
                       "ok" if row["status"] == "ok" else f"failed: {row['reason']}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ["## Where AJI+ is lost (all images)", "",
+              "Shares of the AJI+ denominator: the intersection (= AJI+), pixels of paired predictions outside "
+              "their true nucleus (outline too wide), pixels of paired true nuclei outside their prediction "
+              "(outline too tight, fragments), unpaired predictions (false objects) and unpaired true nuclei "
+              "(missed).", "",
+              "| method | AJI+ | too wide | too tight | false objects | missed nuclei |", "|" + "---|" * 6]
+    for row in result["methods"]:
+        loss = (row["scores"]["all"] or {}).get("aji_plus_loss")
+        if loss:
+            lines.append(f"| {row['method']} | " + " | ".join(f"{loss[k]:.3f}" for k in (
+                "aji_plus", "pred_excess", "gt_missed", "unpaired_pred", "unpaired_gt")) + " |")
+    lines.append("")
     if result["correction_and_expansion"]:
         lines += [f"## Correction and expansion per self-training round (nuclei_app vs. the {TEACHER} teacher)", "",
                   f"Over the {result['n_gt_nuclei']} true nuclei: the teacher got a nucleus *right* (IoU >= 0.5), "

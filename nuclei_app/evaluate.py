@@ -222,6 +222,11 @@ class _Tally:
     matched_iou_sum_50: float = 0.0
     aji_intersection: int = 0
     aji_union: int = 0
+    # The AJI+ union's parts besides the intersection (see `aji_plus_breakdown`).
+    aji_pred_excess: int = 0
+    aji_gt_missed: int = 0
+    aji_unpaired_pred: int = 0
+    aji_unpaired_gt: int = 0
 
     def __add__(self, other: "_Tally") -> "_Tally":
         return _Tally(
@@ -229,9 +234,12 @@ class _Tally:
             self.n_gt + other.n_gt,
             self.tp + other.tp,
             self.matched_iou_sum_50 + other.matched_iou_sum_50,
-            self.aji_intersection + other.aji_intersection,
-            self.aji_union + other.aji_union,
+            *(getattr(self, name) + getattr(other, name) for name in _AJI_PARTS),
         )
+
+
+_AJI_PARTS = ("aji_intersection", "aji_union", "aji_pred_excess", "aji_gt_missed", "aji_unpaired_pred",
+              "aji_unpaired_gt")
 
 
 def _tally(pred: np.ndarray, gt: np.ndarray) -> _Tally:
@@ -257,9 +265,11 @@ def _tally(pred: np.ndarray, gt: np.ndarray) -> _Tally:
     unpaired_gt = np.ones(n_gt, dtype=bool)
     unpaired_gt[overlaps.cols[picked]] = False
     tally.aji_intersection = int(intersections.sum())
-    tally.aji_union = int(
-        unions.sum() + overlaps.pred_areas[unpaired_pred].sum() + overlaps.gt_areas[unpaired_gt].sum()
-    )
+    tally.aji_pred_excess = int((overlaps.pred_areas[overlaps.rows[picked]] - intersections).sum())
+    tally.aji_gt_missed = int((overlaps.gt_areas[overlaps.cols[picked]] - intersections).sum())
+    tally.aji_unpaired_pred = int(overlaps.pred_areas[unpaired_pred].sum())
+    tally.aji_unpaired_gt = int(overlaps.gt_areas[unpaired_gt].sum())
+    tally.aji_union = int(unions.sum()) + tally.aji_unpaired_pred + tally.aji_unpaired_gt
     return tally
 
 
@@ -315,18 +325,50 @@ def score_instances(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
     return _scores(_tally(pred, gt))
 
 
-def score_pooled(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """Accuracy pooled over several ``(pred, gt)`` image pairs (counts summed before dividing).
-
-    Returns the same keys as `score_instances`. An empty iterable scores as two empty images.
-    """
+def _pooled_tally(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> _Tally:
     total = _Tally()
     for pred, gt in pairs:
         pred = as_label_image(pred)
         gt = as_label_image(gt)
         _check_same_shape(pred, gt)
         total = total + _tally(pred, gt)
-    return _scores(total)
+    return total
+
+
+def score_pooled(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Accuracy pooled over several ``(pred, gt)`` image pairs (counts summed before dividing).
+
+    Returns the same keys as `score_instances`. An empty iterable scores as two empty images.
+    """
+    return _scores(_pooled_tally(pairs))
+
+
+def aji_plus_breakdown(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Where AJI+ is lost, pooled over ``(pred, gt)`` image pairs, as shares of its denominator.
+
+    AJI+ pairs each true nucleus with at most one predicted one and divides the summed
+    intersections by everything either side covers. That denominator splits into the
+    intersection (= ``aji_plus``), and four losses: ``pred_excess`` (pixels of paired
+    predictions outside their true nucleus: outlines drawn too wide), ``gt_missed`` (pixels of
+    paired true nuclei outside their prediction: outlines too tight, or fragments),
+    ``unpaired_pred`` (false objects) and ``unpaired_gt`` (missed nuclei). The five sum to 1.
+
+    Parameters
+    ----------
+    pairs : iterable of (ndarray of int, ndarray of int), each shape (H, W)
+        Predicted and true label images of the same shape.
+
+    Returns
+    -------
+    dict of str to float
+        ``aji_plus, pred_excess, gt_missed, unpaired_pred, unpaired_gt``; all 0 when both
+        sides are empty.
+    """
+    total = _pooled_tally(pairs)
+    parts = {"aji_plus": total.aji_intersection, "pred_excess": total.aji_pred_excess,
+             "gt_missed": total.aji_gt_missed, "unpaired_pred": total.aji_unpaired_pred,
+             "unpaired_gt": total.aji_unpaired_gt}
+    return {name: _ratio(value, total.aji_union) for name, value in parts.items()}
 
 
 def mean_scores(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -85,6 +85,8 @@ def test_scores_are_our_evaluate_on_the_methods_own_output(benchmark, tmp_path):
     scores = rows["log_watershed"]["scores"]["all"]
     assert scores["n_gt"] == expected["n_gt"] and scores["n_pred"] == expected["n_pred"] > 0
     assert scores["f1_50"] == pytest.approx(expected["f1_50"]) and scores["aji_plus"] == pytest.approx(expected["aji_plus"])
+    assert scores["aji_plus_loss"]["aji_plus"] == pytest.approx(expected["aji_plus"])
+    assert sum(scores["aji_plus_loss"].values()) == pytest.approx(1.0)
 
 
 def test_trained_methods_rounds_and_upper_bounds(benchmark):

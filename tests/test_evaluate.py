@@ -96,6 +96,25 @@ def test_aji_plus_counts_a_merged_prediction_once():
     assert (scores["tp_50"], scores["fp_50"], scores["fn_50"]) == (1, 0, 1)
 
 
+def test_aji_plus_breakdown_splits_the_union_into_outline_and_object_errors():
+    from nuclei_app.evaluate import aji_plus_breakdown
+
+    gt = canvas((70, 60))
+    gt[10:20, 0:10] = 1  # drawn 2 px too wide -> 20 excess pixels
+    gt[30:40, 0:10] = 2  # drawn 1 px too tight -> 10 missed pixels
+    gt[50:60, 0:10] = 3  # missed outright -> 100 unpaired true pixels
+    pred = canvas((70, 60))
+    pred[10:20, 0:12] = 1
+    pred[30:40, 0:9] = 2
+    pred[50:55, 40:50] = 3  # a false object -> 50 unpaired predicted pixels
+    union = 100 + 20 + 90 + 10 + 50 + 100
+    shares = aji_plus_breakdown([(pred, gt)])
+    assert shares == pytest.approx({"aji_plus": 190 / union, "pred_excess": 20 / union, "gt_missed": 10 / union,
+                                    "unpaired_pred": 50 / union, "unpaired_gt": 100 / union})
+    assert shares["aji_plus"] == pytest.approx(score_instances(pred, gt)["aji_plus"])
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
 def test_aji_plus_uses_maximal_iou_assignment():
     gt = canvas()
     gt[0:10, 0:10] = 1  # area 100
