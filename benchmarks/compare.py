@@ -221,12 +221,11 @@ def read_labels(path: Path) -> np.ndarray:
 
 
 def score_folder(prediction_dir: Path, names: list[str], pairs: dict[str, tuple[Path, Path]]) -> dict:
-    from nuclei_app.evaluate import aji_plus_breakdown, score_pooled
+    from nuclei_app.evaluate import score_pooled
 
-    images = [(tifffile.imread(prediction_dir / f"{n}.tif"), read_labels(pairs[n][1])) for n in names]
-    scores = score_pooled(images)
-    return ({key: scores[key] for key in SCORE_KEYS} | {"n_images": len(names)}
-            | {"aji_plus_loss": aji_plus_breakdown(images)})
+    scores = score_pooled(((tifffile.imread(prediction_dir / f"{n}.tif"), read_labels(pairs[n][1])) for n in names),
+                          with_aji_plus_loss=True)
+    return {key: scores[key] for key in (*SCORE_KEYS, "aji_plus_loss")} | {"n_images": len(names)}
 
 
 #: A true nucleus the teacher "labelled" overlaps a teacher object at IoU >= this (below: missed).

@@ -220,9 +220,8 @@ class _Tally:
     n_gt: int = 0
     tp: np.ndarray = field(default_factory=lambda: np.zeros(len(IOU_THRESHOLDS), dtype=np.int64))
     matched_iou_sum_50: float = 0.0
+    # AJI+: the intersection and the other parts of its union (see `aji_plus_breakdown`).
     aji_intersection: int = 0
-    aji_union: int = 0
-    # The AJI+ union's parts besides the intersection (see `aji_plus_breakdown`).
     aji_pred_excess: int = 0
     aji_gt_missed: int = 0
     aji_unpaired_pred: int = 0
@@ -237,9 +236,12 @@ class _Tally:
             *(getattr(self, name) + getattr(other, name) for name in _AJI_PARTS),
         )
 
+    @property
+    def aji_union(self) -> int:
+        return sum(getattr(self, name) for name in _AJI_PARTS)
 
-_AJI_PARTS = ("aji_intersection", "aji_union", "aji_pred_excess", "aji_gt_missed", "aji_unpaired_pred",
-              "aji_unpaired_gt")
+
+_AJI_PARTS = ("aji_intersection", "aji_pred_excess", "aji_gt_missed", "aji_unpaired_pred", "aji_unpaired_gt")
 
 
 def _tally(pred: np.ndarray, gt: np.ndarray) -> _Tally:
@@ -259,7 +261,6 @@ def _tally(pred: np.ndarray, gt: np.ndarray) -> _Tally:
     # AJI+: one assignment on all IoU > 0 pairs, maximising the summed IoU.
     picked = _assign(overlaps.rows, overlaps.cols, ious, n_pred, n_gt)
     intersections = overlaps.intersections[picked]
-    unions = overlaps.unions[picked]
     unpaired_pred = np.ones(n_pred, dtype=bool)
     unpaired_pred[overlaps.rows[picked]] = False
     unpaired_gt = np.ones(n_gt, dtype=bool)
@@ -269,7 +270,6 @@ def _tally(pred: np.ndarray, gt: np.ndarray) -> _Tally:
     tally.aji_gt_missed = int((overlaps.gt_areas[overlaps.cols[picked]] - intersections).sum())
     tally.aji_unpaired_pred = int(overlaps.pred_areas[unpaired_pred].sum())
     tally.aji_unpaired_gt = int(overlaps.gt_areas[unpaired_gt].sum())
-    tally.aji_union = int(unions.sum()) + tally.aji_unpaired_pred + tally.aji_unpaired_gt
     return tally
 
 
@@ -335,12 +335,17 @@ def _pooled_tally(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> _Tally:
     return total
 
 
-def score_pooled(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+def score_pooled(pairs: Iterable[tuple[np.ndarray, np.ndarray]], with_aji_plus_loss: bool = False) -> dict[str, Any]:
     """Accuracy pooled over several ``(pred, gt)`` image pairs (counts summed before dividing).
 
-    Returns the same keys as `score_instances`. An empty iterable scores as two empty images.
+    Returns the same keys as `score_instances`, plus ``aji_plus_loss`` (`aji_plus_breakdown`)
+    when ``with_aji_plus_loss``. An empty iterable scores as two empty images.
     """
-    return _scores(_pooled_tally(pairs))
+    total = _pooled_tally(pairs)
+    scores = _scores(total)
+    if with_aji_plus_loss:
+        scores["aji_plus_loss"] = _aji_plus_shares(total)
+    return scores
 
 
 def aji_plus_breakdown(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -364,7 +369,10 @@ def aji_plus_breakdown(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[s
         ``aji_plus, pred_excess, gt_missed, unpaired_pred, unpaired_gt``; all 0 when both
         sides are empty.
     """
-    total = _pooled_tally(pairs)
+    return _aji_plus_shares(_pooled_tally(pairs))
+
+
+def _aji_plus_shares(total: _Tally) -> dict[str, float]:
     parts = {"aji_plus": total.aji_intersection, "pred_excess": total.aji_pred_excess,
              "gt_missed": total.aji_gt_missed, "unpaired_pred": total.aji_unpaired_pred,
              "unpaired_gt": total.aji_unpaired_gt}

@@ -396,7 +396,7 @@ def predict_label_image(
     model.eval()
     _, height, width = image.shape
     out_height, out_width = output_shape if output_shape is not None else (height, width)
-    # Per axis: `rescale_image` rounds each side, so the factors differ from ``scale`` slightly.
+    # Canonical -> output factors per axis (`rescale_image` rounds each side of the native image).
     to_output = torch.tensor([out_width / width, out_height / height] * 2)
     min_pixels = 4 * float(to_output[0] * to_output[1])  # 4 canonical pixels
     boxes, crops, scores, agreements = [], [], [], []
