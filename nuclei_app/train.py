@@ -627,7 +627,7 @@ def _learning_rate(step: int, total: int, base: float) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-#: Steps timed before ``fill_budget`` fits the step count (and so the schedule) to the deadline.
+#: Steps timed before ``fill_budget`` first fits the step count (and so the schedule) to the deadline.
 CALIBRATION_STEPS = 10
 
 
@@ -658,12 +658,20 @@ def _train_steps(model, images, config, steps, rng, device, deadline, on_step) -
         done += 1
         on_step(step, steps, losses[-1])
         step += 1
-        if config.fill_budget and step == CALIBRATION_STEPS:
-            # The first steps include warm-up costs, so this estimate errs towards fewer steps;
-            # 3% is kept back so the cosine schedule ends before the deadline cuts it.
-            seconds_per_step = (time.monotonic() - started) / CALIBRATION_STEPS
-            steps = CALIBRATION_STEPS + max(int(0.97 * (deadline - time.monotonic()) / seconds_per_step), 0)
+        if config.fill_budget and step >= CALIBRATION_STEPS:
+            steps = _steps_that_fit(step, time.monotonic() - started, deadline - time.monotonic())
     return losses, done, steps, timed_out
+
+
+def _steps_that_fit(steps_done: int, seconds_spent: float, seconds_left: float) -> int:
+    """The step count at which the schedule ends before the deadline, at the mean speed so far.
+
+    Refitted after every step (not once after calibration) because steps slow down when the
+    machine gets busy or crops hold more nuclei: a count fitted once was cut short by the
+    deadline a few steps before the schedule's end. 3% is kept back for the same reason.
+    """
+    seconds_per_step = seconds_spent / steps_done
+    return steps_done + max(int(0.97 * seconds_left / seconds_per_step), 0)
 
 
 def _foreground_coverage(item: TrainingImage) -> float:
