@@ -78,7 +78,7 @@ def find_sources(data: Path) -> list[Path]:
 
 def load_pairs(folder: Path) -> tuple[dict[str, tuple[Path, Path]], list[dict]]:
     """Usable (image, mask) pairs by name, and the pairs left out with their reason."""
-    from nuclei_app.read import open_slide
+    from nuclei_app.io.slides import open_slide
 
     pairs, failures = {}, []
     for image_path in sorted(folder.glob("*_img.tif")):
@@ -134,7 +134,7 @@ def code_signature() -> str:
 
 def write_teacher_labels(pairs: dict[str, tuple[Path, Path]], folder: Path) -> None:
     """The pseudo-labels every trained method learns from (the training-free LoG teacher)."""
-    from nuclei_app.weak import weak_label_file
+    from nuclei_app.workflows import weak_label_file
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, (image_path, _) in pairs.items():
@@ -221,7 +221,7 @@ def read_labels(path: Path) -> np.ndarray:
 
 
 def score_folder(prediction_dir: Path, names: list[str], pairs: dict[str, tuple[Path, Path]]) -> dict:
-    from nuclei_app.evaluate import score_pooled
+    from nuclei_app.core.metrics import score_pooled
 
     scores = score_pooled(((tifffile.imread(prediction_dir / f"{n}.tif"), read_labels(pairs[n][1])) for n in names),
                           with_aji_plus_loss=True)
@@ -251,7 +251,7 @@ def teacher_error_fates(teacher: np.ndarray, student: np.ndarray, truth: np.ndar
         ``corrected`` (wrong for the teacher, right for the student), ``broken`` (right for the
         teacher, not for the student) and ``found`` (missed by the teacher, right for the student).
     """
-    from nuclei_app.evaluate import iou_matrix
+    from nuclei_app.core.metrics import iou_matrix
 
     def best_iou(labels: np.ndarray) -> np.ndarray:
         iou, _, truth_ids = iou_matrix(labels, truth)

@@ -48,7 +48,9 @@ class Task:
 
 def normalised_image(path: str | Path) -> tuple[np.ndarray, tuple[float, float] | None]:
     """The nuclear channels of an image file, (C, H, W) float32 mapped as nuclei_app maps them."""
-    from nuclei_app.read import channel_percentiles, normalise_intensities, open_slide, select_nuclear_channels
+    from nuclei_app.io.slides import channel_percentiles, open_slide
+    from nuclei_app.core.intensity import normalise_intensities
+    from nuclei_app.core.channels import select_nuclear_channels
 
     with open_slide(path) as slide:
         channels = select_nuclear_channels(slide.channel_names, None, path=path)
@@ -67,7 +69,7 @@ def pseudo_labels(task: Task, name: str) -> np.ndarray:
 
 
 def write_prediction(task: Task, name: str, labels: np.ndarray, folder: str | None = None) -> None:
-    from nuclei_app.labels import write_label_tiff
+    from nuclei_app.io.labels import write_label_tiff
 
     target = Path(folder or task.prediction_dir)
     target.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ def seed_everything(seed: int) -> None:
 
 
 def run_weak(task: Task, method: str) -> dict:
-    from nuclei_app.weak import weak_label_file
+    from nuclei_app.workflows import weak_label_file
 
     started, pixels = time.time(), 0
     Path(task.prediction_dir).mkdir(parents=True, exist_ok=True)
@@ -129,9 +131,11 @@ NUCLEI_APP_VARIANTS: dict[str, dict] = {
 def run_nuclei_app(task: Task) -> dict:
     from nuclei_app.config import TrainingConfig
     from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
-    from nuclei_app.model import DEFAULT_SCORE_THRESHOLD, model_score_threshold
-    from nuclei_app.train import choose_score_threshold, predict_native_labels, train_model
-    from nuclei_app.weak import estimate_nucleus_diameter
+    from nuclei_app.model.checkpoint import DEFAULT_SCORE_THRESHOLD, model_score_threshold
+    from nuclei_app.train.threshold import choose_score_threshold
+    from nuclei_app.train.pseudo_labels import predict_native_labels
+    from nuclei_app.train.loop import train_model
+    from nuclei_app.core.weak import estimate_nucleus_diameter
 
     supervised = task.method == "nuclei_app_supervised"
     # fill_budget: like the peers, every variant trains for the whole budget (the preset's default

@@ -39,14 +39,17 @@ import tifffile
 from scipy.stats import spearmanr
 
 from nuclei_app.config import QCThresholds, TrainingConfig
-from nuclei_app.evaluate import score_instances
-from nuclei_app.labels import read_labels, write_label_tiff
-from nuclei_app.qc import write_qc_report
-from nuclei_app.model import load_predictor
-from nuclei_app.read import channel_percentiles, normalise_intensities, open_slide
-from nuclei_app.segment import PredictorSpec, resolve_channels, segment_slide
-from nuclei_app.train import train_model
-from nuclei_app.weak import estimate_nucleus_diameter, nuclear_composite
+from nuclei_app.core.metrics import score_instances
+from nuclei_app.io.labels import read_labels, write_label_tiff
+from nuclei_app.qc.slide import write_qc_report
+from nuclei_app.model.predictor import load_predictor
+from nuclei_app.io.slides import channel_percentiles, open_slide
+from nuclei_app.core.intensity import normalise_intensities
+from nuclei_app.segment.predictors import PredictorSpec
+from nuclei_app.segment.pipeline import resolve_channels, segment_slide
+from nuclei_app.train.loop import train_model
+from nuclei_app.core.weak import estimate_nucleus_diameter
+from nuclei_app.core.intensity import nuclear_composite
 
 COMPONENTS = ("teacher_student_f1", "seed_recall", "foreground_coverage", "foreground_precision", "score_mean",
               "head_agreement_mean", "morphology_outlier_share", "qc_score")

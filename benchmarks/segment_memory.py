@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from nuclei_app.sample_data import SYNTHETIC_CHANNELS, synthesize_slide  # noqa: E402
-from nuclei_app.write import downsample_mean2  # noqa: E402
+from nuclei_app.io.ome_tiff import downsample_mean2  # noqa: E402
 
 PATCH = 1024  # tissue patch side (level 0), aligned to the patch grid
 TILE = 512

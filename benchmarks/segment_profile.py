@@ -55,10 +55,11 @@ def main() -> int:
     args = parser.parse_args()
 
     from nuclei_app.config import TrainingConfig
-    from nuclei_app.evaluate import score_instances
-    from nuclei_app.labels import read_labels
-    from nuclei_app.segment import PredictorSpec, segment_slide
-    from nuclei_app.train import train_model
+    from nuclei_app.core.metrics import score_instances
+    from nuclei_app.io.labels import read_labels
+    from nuclei_app.segment.predictors import PredictorSpec
+    from nuclei_app.segment.pipeline import segment_slide
+    from nuclei_app.train.loop import train_model
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     slide, truth = write_inputs(args.work_dir, args.seed)

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from nuclei_app.evaluate import mean_scores, score_instances, score_pooled
-from nuclei_app.weak import METHODS, weak_labels
+from nuclei_app.core.metrics import mean_scores, score_instances, score_pooled
+from nuclei_app.core.weak import METHODS, weak_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "nuclei-gt"

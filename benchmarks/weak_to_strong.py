@@ -22,10 +22,11 @@ import numpy as np
 import tifffile
 
 from nuclei_app.config import TrainingConfig
-from nuclei_app.evaluate import score_pooled
-from nuclei_app.read import normalise_intensities
-from nuclei_app.train import predict_native_labels, train_model
-from nuclei_app.weak import weak_labels
+from nuclei_app.core.metrics import score_pooled
+from nuclei_app.core.intensity import normalise_intensities
+from nuclei_app.train.pseudo_labels import predict_native_labels
+from nuclei_app.train.loop import train_model
+from nuclei_app.core.weak import weak_labels
 
 
 def load_pairs(folder: Path) -> list[tuple[str, Path, np.ndarray]]:

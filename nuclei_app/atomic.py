@@ -21,7 +21,7 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.partial-{os.getpid()}")
 
 
-def _raise_for(error: OSError, path: Path) -> None:
+def raise_for_os_error(error: OSError, path: Path) -> None:
     if error.errno in (28, 122):  # ENOSPC, EDQUOT
         raise InputOutputError("no space left on device; free space or choose another output folder", path)
     raise CannotCreateOutputError(f"cannot write ({error.strerror}); choose a writable output path", path)
@@ -40,7 +40,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        _raise_for(error, path)
+        raise_for_os_error(error, path)
     return path
 
 
@@ -67,7 +67,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(temporary)
         temporary.mkdir(parents=True)
     except OSError as error:
-        _raise_for(error, path)
+        raise_for_os_error(error, path)
     try:
         yield temporary
     except BaseException:
@@ -79,4 +79,4 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         os.replace(temporary, path)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        _raise_for(error, path)
+        raise_for_os_error(error, path)

@@ -15,6 +15,23 @@ import typer
 
 from nuclei_app import __version__
 from nuclei_app.errors import ExitCode, NucleiAppError
+from nuclei_app.schemas import export_schemas
+from nuclei_app.errors import InvalidBIDSError
+from nuclei_app.bids.validate import validate_dataset
+from nuclei_app.demo import run_demo
+from nuclei_app.progress import configure_logging
+from nuclei_app.io.slides import open_slide
+from nuclei_app.core.channels import select_nuclear_channels
+from nuclei_app.config import TrainingConfig
+from nuclei_app.evaluate import evaluate_paths
+from nuclei_app.workflows import weak_label_file
+from nuclei_app.errors import UsageError
+from nuclei_app.segment.predictors import PredictorSpec
+from nuclei_app.segment.pipeline import segment_slide
+from nuclei_app.qc.slide import write_qc_report
+from nuclei_app.bids_app.settings import build_run_config, read_config_file
+from nuclei_app.bids_app.app import run_bids_app
+from nuclei_app.bids_app.settings import bids_app_argv
 
 app = typer.Typer(
     name="nuclei-app",
@@ -45,7 +62,6 @@ def schemas_command(
     output_dir: Path = typer.Option(..., "-o", "--output-dir", help="Folder to write every JSON Schema into."),
 ) -> None:
     """Export every JSON Schema the app writes or reads."""
-    from nuclei_app.schemas import export_schemas
 
     for path in export_schemas(output_dir):
         typer.echo(str(path))
@@ -59,8 +75,6 @@ def validate_command(
     ),
 ) -> None:
     """Check a BIDS microscopy dataset: one line per problem naming the file and the fix (exit 16 if invalid)."""
-    from nuclei_app.errors import InvalidBIDSError
-    from nuclei_app.validate import validate_dataset
 
     report = validate_dataset(bids_dir)
     for line in report.lines():
@@ -85,9 +99,6 @@ def demo_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Run the embedded sample dataset end to end: `run ... train`, `participant`, `group`, then scores vs ground truth."""
-    from nuclei_app.demo import run_demo
-    from nuclei_app.errors import InvalidBIDSError
-    from nuclei_app.progress import configure_logging
 
     configure_logging()
     summary = run_demo(output_dir, data_dir=data_dir, seed=seed, steps=steps, rounds=rounds, max_minutes=max_minutes,
@@ -108,7 +119,6 @@ def info_command(
     nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
 ) -> None:
     """Show how a slide is read: format, pyramid levels, dtype, channels, pixel size, nuclear channels."""
-    from nuclei_app.read import open_slide, select_nuclear_channels
 
     with open_slide(image, series=series) as slide:
         typer.echo(f"path: {slide.path}")
@@ -141,9 +151,7 @@ def train_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Train a student de novo from weak labels (no human annotation, no pretrained weights)."""
-    from nuclei_app.config import TrainingConfig
-    from nuclei_app.progress import configure_logging
-    from nuclei_app.train import train_model
+    from nuclei_app.train.loop import train_model
 
     logger = configure_logging()
     config = TrainingConfig(
@@ -169,7 +177,6 @@ def evaluate_command(
     """Score predicted nuclei against ground truth: F1@0.5, AP@0.5:0.95, AJI+, PQ per image, mean and pooled."""
     from rich.console import Console
 
-    from nuclei_app.evaluate import evaluate_paths
 
     report = evaluate_paths(prediction, ground_truth)
     Console(width=140).print(report.table())
@@ -193,7 +200,6 @@ def weak_command(
     """Label nuclei with a classical weak labeler (the teacher), for one image or tile held in memory."""
     import warnings
 
-    from nuclei_app.weak import weak_label_file
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -235,9 +241,6 @@ def segment_command(
     ),
 ) -> None:
     """Segment a whole slide tile by tile: OME-Zarr labels (+ overlap layers), table, GeoJSON, QC report."""
-    from nuclei_app.errors import UsageError
-    from nuclei_app.progress import configure_logging
-    from nuclei_app.segment import PredictorSpec, segment_slide
 
     configure_logging()
     if (model is None) == (method is None):
@@ -266,7 +269,6 @@ def segment_command(
         f"{result.megapixels_per_second:.2f} MP/s of tissue -> {result.output_path}"
     )
     if not skip_qc:
-        from nuclei_app.qc import write_qc_report
 
         qc_path = qc_report or output.with_name(output.name.removesuffix(".ome.zarr").removesuffix(".zarr") + "_qc.json")
         # With a table the per-nucleus scores and head agreement are already measured: QC reads
@@ -296,7 +298,6 @@ def qc_command(
 
     Exit codes: 0 report written (whatever the status), 64 bad option or QC config, 65 bad data (labels not integer, labels and image of different shapes), 66 missing input, 73 cannot write.
     """
-    from nuclei_app.qc import write_qc_report
 
     result = write_qc_report(
         labels, image, output, model_dir=model, config_path=config, table_path=table,
@@ -355,8 +356,6 @@ def run_command(
     17 unknown level, 18 the filters select nothing, 64 usage (bad option or config; OUTPUT_DIR inside BIDS_DIR),
     65 bad data, 66 missing input, 73 cannot create output, 74 I/O error.
     """
-    from nuclei_app.bids_app import build_run_config, read_config_file, run_bids_app
-    from nuclei_app.progress import configure_logging
 
     configure_logging()
     overrides = {
@@ -377,7 +376,6 @@ def run_command(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the typer app, turning user errors into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    from nuclei_app.bids_app import bids_app_argv  # `nuclei-app BIDS_DIR OUTPUT_DIR LEVEL` (BIDS Apps) -> `run ...`
 
     args = bids_app_argv(args, [command.name for command in app.registered_commands])
     try:

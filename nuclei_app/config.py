@@ -5,7 +5,7 @@ Every output records the configuration that produced it (`dataclasses.asdict`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from nuclei_app.errors import UsageError

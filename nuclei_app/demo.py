@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nuclei_app.errors import CannotCreateOutputError
+from nuclei_app.sample_data import make_sample_dataset
+from nuclei_app.bids.validate import validate_dataset
+from nuclei_app.bids_app.app import run_bids_app
+from nuclei_app.config import RunConfig
+from nuclei_app.evaluate import evaluate_paths
+from nuclei_app.bids_app.models import read_models_index
 
 __all__ = ["DemoStep", "DemoSummary", "run_demo", "DEMO_STEPS", "DEMO_ROUNDS", "DEMO_MAX_MINUTES"]
 
@@ -90,8 +96,6 @@ def run_demo(
     DemoSummary
         ``raise_for_failures()`` raises when a slide failed.
     """
-    from nuclei_app.sample_data import make_sample_dataset
-    from nuclei_app.validate import validate_dataset
 
     output_dir = Path(output_dir)
     data_dir = Path(data_dir) if data_dir is not None else output_dir / "sample_data"
@@ -121,9 +125,6 @@ def run_demo(
 def _run_pipeline(summary: DemoSummary, derivatives: Path, steps: int, rounds: int, max_minutes: float,
                   device: str) -> None:
     """`run BIDS OUT train`, `... participant`, `... group`, then the scores against ground truth."""
-    from nuclei_app.bids_app import run_bids_app
-    from nuclei_app.config import RunConfig
-    from nuclei_app.evaluate import evaluate_paths
 
     dataset = summary.dataset
     # validated just above; the three levels share one configuration, as a pipeline would
@@ -174,7 +175,6 @@ def _run_pipeline(summary: DemoSummary, derivatives: Path, steps: int, rounds: i
 
 
 def _index_entry(derivatives: Path, model_id: str) -> dict:
-    from nuclei_app.bids_app import read_models_index
 
     for entry in read_models_index(derivatives)["models"]:
         if entry.get("model_id") == model_id:

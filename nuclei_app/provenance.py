@@ -6,6 +6,7 @@ Kept free of heavy imports (no torch) so light code paths (weak labeler, QC) can
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -37,3 +38,16 @@ def software_versions(packages: tuple[str, ...] = ("nuclei-app", "torch", "torch
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def utc_timestamp() -> str:
+    """Now in UTC as ISO 8601 to the second with a ``Z`` suffix (``2026-12-03T10:26:00Z``).
+
+    Every ``created_at``/``completed_at``/``failed_at`` the app writes comes from here.
+    """
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def utc_compact_timestamp() -> str:
+    """Now in UTC for file names, to the microsecond (``20261203T102600123456Z``)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")

@@ -43,6 +43,8 @@ from scipy import ndimage
 from nuclei_app import __version__
 from nuclei_app.atomic import atomic_write_text
 from nuclei_app.errors import CannotCreateOutputError
+from nuclei_app.io.ome_tiff import write_ome_tiff
+from nuclei_app.io.ome_zarr import write_ome_zarr_image
 
 __all__ = ["SampleDataset", "SampleSlide", "SyntheticSlide", "make_sample_dataset", "synthesize_slide",
            "overlap_layers", "SYNTHETIC_CHANNELS"]
@@ -445,7 +447,6 @@ def _write_bids_text(bids_dir: Path, seed: int) -> None:
 def _write_real_slide(bids_dir: Path, slide: SampleSlide) -> None:
     import tifffile
 
-    from nuclei_app.write import write_ome_tiff
 
     assets = resources.files("nuclei_app") / "sample_assets"
     with resources.as_file(assets / f"{_REAL_ASSET}_img.tif") as image_path:
@@ -483,7 +484,6 @@ def make_sample_dataset(root: str | Path, seed: int = 0) -> SampleDataset:
     -------
     SampleDataset
     """
-    from nuclei_app.write import write_ome_tiff, write_ome_zarr_image
 
     root = Path(root)
     if _is_complete(root, seed):

@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 
 from nuclei_app.errors import BadDataError, CannotCreateOutputError
+from nuclei_app.atomic import atomic_write_text
 
 SCHEMA_SUFFIX = ".schema.json"
 
@@ -62,7 +63,6 @@ def export_schemas(output_dir: str | Path) -> list[Path]:
         raise CannotCreateOutputError(f"cannot create folder ({error.strerror}); choose a writable path", output_dir)
     written = []
     for name in schema_names():
-        from nuclei_app.atomic import atomic_write_text
 
         path = output_dir / f"{name}{SCHEMA_SUFFIX}"
         atomic_write_text(path, json.dumps(load_schema(name), indent=2) + "\n")

@@ -72,7 +72,7 @@ def trained_model_dir(tmp_path_factory) -> Path:
     model that works (seams, QC, the BIDS app) are not passing on an empty prediction.
     """
     from nuclei_app.config import TrainingConfig
-    from nuclei_app.train import train_model
+    from nuclei_app.train.loop import train_model
 
     model_dir = tmp_path_factory.mktemp("session-model") / "tiny"
     config = TrainingConfig(rounds=0, steps_per_round=150, heads=2, seed=0, max_minutes=30, device="cpu")

@@ -83,7 +83,7 @@ def test_derivative_dataset_description(derivatives, sample):
     assert description["DatasetType"] == "derivative"
     generated = description["GeneratedBy"][0]
     from nuclei_app import __version__
-    from nuclei_app.bids_app import container_info
+    from nuclei_app.bids_app.derivatives import container_info
 
     assert generated["Name"] == "nuclei-app" and generated["Version"] == __version__
     assert generated.get("Container") == container_info()  # whatever this machine is
@@ -336,7 +336,7 @@ def test_exit_73_when_the_output_cannot_be_created(sample, run_cli, tmp_path):
 
 
 def test_container_detection_from_environment(tmp_path):
-    from nuclei_app.bids_app import container_info
+    from nuclei_app.bids_app.derivatives import container_info
 
     absent = tmp_path / "no-dockerenv"
     assert container_info({}, dockerenv=absent) is None
@@ -353,7 +353,7 @@ def test_container_detection_from_environment(tmp_path):
 
 
 def test_bare_form_and_label_lists_are_rewritten_for_typer():
-    from nuclei_app.bids_app import bids_app_argv
+    from nuclei_app.bids_app.settings import bids_app_argv
 
     commands = ["run", "segment", "train"]
     assert bids_app_argv(["/data", "/out", "participant", "--participant-label", "01", "02", "--nprocs", "2"], commands) == [

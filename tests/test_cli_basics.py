@@ -44,12 +44,12 @@ def test_schemas_export_to_unwritable_place_is_one_line_error(run_cli, tmp_path)
 
 def test_an_unforeseen_failure_is_one_line_not_a_traceback(run_cli, monkeypatch, tmp_path):
     """The error boundary of `main`: a bug deep in a stage reaches the user as one line and exit 1."""
-    import nuclei_app.schemas
+    import nuclei_app.cli
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(nuclei_app.schemas, "export_schemas", broken)
+    monkeypatch.setattr(nuclei_app.cli, "export_schemas", broken)  # the name the CLI calls
     monkeypatch.delenv("NUCLEI_APP_DEBUG", raising=False)
     result = run_cli("schemas", "-o", tmp_path / "out")
     assert result.exit_code == ExitCode.FAILURE

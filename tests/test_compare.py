@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from nuclei_app.evaluate import score_pooled
+from nuclei_app.core.metrics import score_pooled
 from nuclei_app.schemas import schema_errors
-from nuclei_app.weak import weak_label_file
+from nuclei_app.workflows import weak_label_file
 
 COMPARE = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 CROPS = {"crop0": "dsb_a102535b0e88", "crop1": "dsb_0ea221716cf1", "crop2": "dsb_f728de042672"}

@@ -155,7 +155,7 @@ def _dockerfile_env(dockerfile, check_tool) -> dict[str, str]:
 
 
 def test_dockerfile_writes_only_to_tmp_and_declares_its_container(dockerfile, check_tool, tmp_path):
-    from nuclei_app.bids_app import container_info
+    from nuclei_app.bids_app.derivatives import container_info
 
     env = _dockerfile_env(dockerfile, check_tool)
     for variable in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "MPLCONFIGDIR", "NUMBA_CACHE_DIR", "TORCH_HOME",
@@ -190,7 +190,7 @@ def test_apptainer_builds_the_same_environment(apptainer_sections, dockerfile):
 
 
 def test_apptainer_environment_and_self_test(apptainer_sections, tmp_path, run_cli):
-    from nuclei_app.bids_app import container_info
+    from nuclei_app.bids_app.derivatives import container_info
 
     env = {}
     for line in apptainer_sections["environment"]:

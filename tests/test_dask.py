@@ -7,8 +7,9 @@ import pytest
 import zarr
 
 from nuclei_app.sample_data import synthesize_slide
-from nuclei_app.segment import PredictorSpec, segment_slide
-from nuclei_app.write import write_ome_tiff
+from nuclei_app.segment.predictors import PredictorSpec
+from nuclei_app.segment.pipeline import segment_slide
+from nuclei_app.io.ome_tiff import write_ome_tiff
 
 pytest.importorskip("distributed")
 

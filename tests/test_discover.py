@@ -8,14 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nuclei_app.discover import (
-    bids_derivative_name,
-    channel_names_with_staining,
-    discover,
-    parse_bids_name,
-)
+from nuclei_app.bids.discover import bids_derivative_name, channel_names_with_staining, discover, parse_bids_name
 from nuclei_app.errors import BadDataError, MissingInputError, UsageError
-from nuclei_app.write import write_ome_tiff, write_ome_zarr_image
+from nuclei_app.io.ome_tiff import write_ome_tiff
+from nuclei_app.io.ome_zarr import write_ome_zarr_image
 
 
 def _json(path: Path, content) -> None:

@@ -10,13 +10,8 @@ import pytest
 import tifffile
 
 from nuclei_app.errors import BadDataError, ExitCode, MissingInputError
-from nuclei_app.evaluate import (
-    evaluate_paths,
-    iou_matrix,
-    pairing_key,
-    score_instances,
-    score_pooled,
-)
+from nuclei_app.evaluate import evaluate_paths, pairing_key
+from nuclei_app.core.metrics import iou_matrix, score_instances, score_pooled
 from nuclei_app.schemas import load_schema
 
 METRICS = ("precision_50", "recall_50", "f1_50", "ap_50_95", "aji_plus", "pq", "mean_matched_iou")
@@ -97,7 +92,7 @@ def test_aji_plus_counts_a_merged_prediction_once():
 
 
 def test_aji_plus_breakdown_splits_the_union_into_outline_and_object_errors():
-    from nuclei_app.evaluate import aji_plus_breakdown
+    from nuclei_app.core.metrics import aji_plus_breakdown
 
     gt = canvas((70, 60))
     gt[10:20, 0:10] = 1  # drawn 2 px too wide -> 20 excess pixels

@@ -10,7 +10,7 @@ import tifffile
 import zarr
 
 from nuclei_app.errors import BadDataError, MissingInputError
-from nuclei_app.labels import read_labels, write_label_tiff, write_labels_ome_zarr
+from nuclei_app.io.labels import read_labels, write_label_tiff, write_labels_ome_zarr
 
 
 def sample_labels(shape=(300, 520)) -> np.ndarray:

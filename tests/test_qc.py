@@ -11,23 +11,11 @@ import pytest
 import tifffile
 
 from nuclei_app.config import QCThresholds
-from nuclei_app.qc import (
-    InvalidQCReportError,
-    load_qc_config,
-    morphology_outliers,
-    overlapping_ids,
-    qc_status,
-    qc_tile_edges,
-    seed_points,
-    seed_recall,
-    signal_autocorrelation,
-    straight_cut_ids,
-    tile_qc_score,
-    foreground_coverage,
-    foreground_precision,
-    validate_qc_report,
-    write_qc_report,
-)
+from nuclei_app.qc.slide import InvalidQCReportError, validate_qc_report, write_qc_report
+from nuclei_app.core.tiling import qc_tile_edges
+from nuclei_app.core.intensity import signal_autocorrelation
+from nuclei_app.qc.rules import load_qc_config, qc_status
+from nuclei_app.qc.metrics import foreground_coverage, foreground_precision, morphology_outliers, overlapping_ids, seed_points, seed_recall, straight_cut_ids, tile_qc_score
 from nuclei_app.schemas import schema_errors
 
 #: 360 x 360 px, 36 nuclei of about 40 px (DSB 2018 stage 1, CC0): fast and a clean "good" case.
@@ -261,7 +249,8 @@ def test_planted_label_failures_fail_with_the_right_reason(small_pair, tmp_path,
 
 
 def test_noise_slide_fails_for_missing_nuclear_signal(run_cli, small_pair, tmp_path):
-    from nuclei_app.segment import PredictorSpec, segment_slide
+    from nuclei_app.segment.predictors import PredictorSpec
+    from nuclei_app.segment.pipeline import segment_slide
 
     image, _ = small_pair
     noise = tmp_path / "noise.tif"
@@ -279,8 +268,9 @@ def test_noise_slide_fails_for_missing_nuclear_signal(run_cli, small_pair, tmp_p
 
 def test_zero_step_model_fails_and_model_rescoring_flags_it(run_cli, small_pair, tmp_path):
     from nuclei_app.config import TrainingConfig
-    from nuclei_app.segment import PredictorSpec, segment_slide
-    from nuclei_app.train import train_model
+    from nuclei_app.segment.predictors import PredictorSpec
+    from nuclei_app.segment.pipeline import segment_slide
+    from nuclei_app.train.loop import train_model
 
     image, masks = small_pair
     model_dir = tmp_path / "model-zero"
@@ -304,7 +294,8 @@ def test_zero_step_model_fails_and_model_rescoring_flags_it(run_cli, small_pair,
 
 
 def test_segmentation_store_uses_its_table_layers_and_tile_grid(nuclei_gt_dir, tmp_path):
-    from nuclei_app.segment import PredictorSpec, segment_slide
+    from nuclei_app.segment.predictors import PredictorSpec
+    from nuclei_app.segment.pipeline import segment_slide
 
     image = nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_f6863b83d75e_img.tif"
     store = tmp_path / "sub-01_sample-B_desc-nuclei_FLUO.ome.zarr"

@@ -11,13 +11,10 @@ import tifffile
 import zarr
 
 from nuclei_app.errors import BadDataError, ExitCode, MissingInputError, UsageError
-from nuclei_app.read import (
-    channel_percentiles,
-    open_slide,
-    read_image,
-    select_nuclear_channels,
-)
-from nuclei_app.write import downsample_mean2, write_ome_tiff, write_ome_zarr_image
+from nuclei_app.io.slides import channel_percentiles, open_slide, read_image
+from nuclei_app.core.channels import select_nuclear_channels
+from nuclei_app.io.ome_tiff import downsample_mean2, write_ome_tiff
+from nuclei_app.io.ome_zarr import write_ome_zarr_image
 
 NAMES = ["DAPI", "Histone H3", "NeuN"]
 

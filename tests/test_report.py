@@ -13,8 +13,8 @@ import tifffile
 
 from nuclei_app.config import QCThresholds
 from nuclei_app.errors import BadDataError, MissingInputError, NothingSelectedError
-from nuclei_app.qc import write_qc_report
-from nuclei_app.report import GROUP_METRICS, robust_z_scores, write_group_report
+from nuclei_app.qc.slide import write_qc_report
+from nuclei_app.qc.group_report import GROUP_METRICS, robust_z_scores, write_group_report
 from nuclei_app.schemas import schema_errors
 
 #: (subject, image) of the human-mask slides; sub-04 gets the same image as sub-02 with half its nuclei deleted.

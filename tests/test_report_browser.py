@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from nuclei_app.config import QCThresholds
-from nuclei_app.qc import write_qc_report
-from nuclei_app.report import write_group_report
+from nuclei_app.qc.slide import write_qc_report
+from nuclei_app.qc.group_report import write_group_report
 
 IMAGES = ("dsb_5488e8df5440", "dsb_9bb6e39d5f44")
 OUTLINE_RGB = (255, 214, 0)  # nucleus outlines in the overlays

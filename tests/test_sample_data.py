@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from nuclei_app.discover import discover
-from nuclei_app.read import open_slide, select_nuclear_channels
+from nuclei_app.bids.discover import discover
+from nuclei_app.io.slides import open_slide
+from nuclei_app.core.channels import select_nuclear_channels
 from nuclei_app.sample_data import SYNTHETIC_CHANNELS, make_sample_dataset, synthesize_slide
-from nuclei_app.validate import validate_dataset
+from nuclei_app.bids.validate import validate_dataset
 
 
 #: The demo's pipeline with a few training steps (the default trains for minutes; see test_bids_app).

@@ -17,21 +17,19 @@ import tifffile
 import zarr
 
 from nuclei_app.errors import ExitCode
-from nuclei_app.evaluate import score_instances
-from nuclei_app.read import channel_percentiles, normalise_intensities, open_slide
+from nuclei_app.core.metrics import score_instances
+from nuclei_app.io.slides import channel_percentiles, open_slide
+from nuclei_app.core.intensity import normalise_intensities
 from nuclei_app.sample_data import synthesize_slide
 from nuclei_app.schemas import schema_errors
-from nuclei_app.segment import (
-    RUN_RECORD_NAME,
-    PredictorSpec,
-    WeakPredictor,
-    make_tile_grid,
-    read_run_record,
-    segment_slide,
-    tissue_mask_from_image,
-)
-from nuclei_app.table import read_nuclei_table
-from nuclei_app.write import FLAT_LABEL_NAME, write_ome_tiff
+from nuclei_app.segment.record import RUN_RECORD_NAME, read_run_record
+from nuclei_app.segment.predictors import PredictorSpec, WeakPredictor
+from nuclei_app.core.tiling import make_tile_grid
+from nuclei_app.segment.pipeline import segment_slide
+from nuclei_app.core.tissue import tissue_mask_from_image
+from nuclei_app.io.tables import read_nuclei_table
+from nuclei_app.io.ome_zarr import FLAT_LABEL_NAME
+from nuclei_app.io.ome_tiff import write_ome_tiff
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (600, 700)
@@ -405,7 +403,7 @@ def test_full_disk_is_an_io_error_and_leaves_nothing_complete(slide, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(slide, tmp_path_factory) -> Path:
     from nuclei_app.config import TrainingConfig
-    from nuclei_app.train import train_model
+    from nuclei_app.train.loop import train_model
 
     model_dir = tmp_path_factory.mktemp("model") / "tiny"
     config = TrainingConfig(rounds=0, steps_per_round=1, heads=1, max_minutes=2.0)
@@ -496,8 +494,8 @@ def test_wrong_nominal_pixel_size_is_caught_by_the_measured_nucleus_size(tiny_mo
 @pytest.mark.slow
 def test_tiled_model_output_agrees_with_whole_image_inference_of_the_same_model(trained_model_dir, tmp_path):
     """The issue's seam test with a trained student: 3 x 4 tiles vs one whole-image pass."""
-    from nuclei_app.labels import read_labels
-    from nuclei_app.model import load_predictor
+    from nuclei_app.io.labels import read_labels
+    from nuclei_app.model.predictor import load_predictor
 
     from conftest import SAMPLE_IMAGE
 

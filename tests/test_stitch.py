@@ -6,18 +6,10 @@ import numpy as np
 import pytest
 from skimage.draw import ellipse
 
-from nuclei_app.instances import Instances
-from nuclei_app.segment import make_tile_grid
-from nuclei_app.stitch import (
-    SlideStitcher,
-    TileCandidates,
-    greedy_layers,
-    instance_layers,
-    kept_candidates,
-    paint_region,
-    shape_descriptors,
-    tile_candidates,
-)
+from nuclei_app.core.instances import Instances
+from nuclei_app.core.tiling import make_tile_grid
+from nuclei_app.core.stitching import SlideStitcher, TileCandidates, greedy_layers, instance_layers, kept_candidates, paint_region, tile_candidates
+from nuclei_app.core.morphology import shape_descriptors
 
 
 def _disc(shape, cy, cx, ry, rx, rotation=0.0):
@@ -203,7 +195,7 @@ def _iou(a, b):
 
 
 def test_trim_to_local_contrast_pulls_spilled_outlines_back_to_the_stain():
-    from nuclei_app.instances import trim_to_local_contrast
+    from nuclei_app.core.instances import trim_to_local_contrast
 
     shape = (64, 96)
     nucleus, dim_nucleus = _disk(shape, (32, 24), 8), _disk(shape, (32, 70), 8)
@@ -227,7 +219,7 @@ def test_trim_to_local_contrast_pulls_spilled_outlines_back_to_the_stain():
 
 
 def test_trim_to_local_contrast_leaves_objects_that_do_not_stand_out_alone():
-    from nuclei_app.instances import trim_to_local_contrast
+    from nuclei_app.core.instances import trim_to_local_contrast
 
     shape = (48, 48)
     flat = np.full(shape, 0.3, np.float32)

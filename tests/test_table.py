@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 from skimage.draw import ellipse
 
-from nuclei_app.instances import Instances
+from nuclei_app.core.instances import Instances
 from nuclei_app.schemas import schema_errors
-from nuclei_app.stitch import SlideStitcher, tile_candidates
-from nuclei_app.table import (
-    GeoJSONWriter,
-    NucleiTableWriter,
-    channel_column_names,
-    nucleus_polygon,
-    read_nuclei_table,
-    table_sidecar,
-)
+from nuclei_app.core.stitching import SlideStitcher, tile_candidates
+from nuclei_app.io.tables import GeoJSONWriter, NucleiTableWriter, channel_column_names, nucleus_polygon, read_nuclei_table, table_sidecar
 
 SHAPE = (120, 160)
 CHANNEL_NAMES = ["DAPI", "CD3 (T cells)", "CD3-T cells"]

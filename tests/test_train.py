@@ -12,9 +12,11 @@ import torch
 
 from nuclei_app.config import TrainingConfig
 from nuclei_app.errors import ExitCode
-from nuclei_app.model import MODEL_CARD_FILE, TRAINING_REPORT_FILE, WEIGHTS_FILE, load_model, load_predictor
+from nuclei_app.model.checkpoint import MODEL_CARD_FILE, TRAINING_REPORT_FILE, WEIGHTS_FILE, load_model
+from nuclei_app.model.predictor import load_predictor
 from nuclei_app.schemas import schema_errors
-from nuclei_app.train import SCORE_THRESHOLD_CANDIDATES, refine_pseudo_labels, threshold_agreement
+from nuclei_app.train.threshold import SCORE_THRESHOLD_CANDIDATES, threshold_agreement
+from nuclei_app.train.pseudo_labels import refine_pseudo_labels
 
 FAST = ["--steps", "12", "--rounds", "1", "--heads", "2", "--max-minutes", "5"]
 
@@ -76,8 +78,10 @@ def test_score_threshold_is_chosen_against_the_pseudo_labels_recorded_and_used(t
 
 def test_an_untrained_student_keeps_the_default_score_threshold():
     from nuclei_app.config import get_preset
-    from nuclei_app.model import DEFAULT_SCORE_THRESHOLD, build_model
-    from nuclei_app.train import TrainingImage, choose_score_threshold
+    from nuclei_app.model.checkpoint import DEFAULT_SCORE_THRESHOLD
+    from nuclei_app.model.mask_rcnn import build_model
+    from nuclei_app.train.data import TrainingImage
+    from nuclei_app.train.threshold import choose_score_threshold
 
     torch.manual_seed(0)
     model = build_model(1, get_preset("tiny"), heads=1)
@@ -163,7 +167,7 @@ def test_unwritable_model_dir_is_cannot_create_output(crop_image, tmp_path, run_
 def test_supervised_upper_bound_trains_on_the_human_masks_and_says_so(crop_image, nuclei_gt_dir, tmp_path):
     """benchmarks/compare.py's upper bounds: the same model taught by human masks instead of weak labels."""
     from nuclei_app.errors import BadDataError, UsageError
-    from nuclei_app.train import train_model
+    from nuclei_app.train.loop import train_model
 
     masks = tifffile.imread(nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_a102535b0e88_masks.tif")[100:356, 300:556]
     mask_path = tmp_path / "crop_masks.tif"
@@ -284,7 +288,8 @@ def test_refinement_keeps_unsupported_teacher_objects_the_teacher_was_sure_of():
 @pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
 def test_every_preset_builds_from_scratch_and_takes_a_training_step_and_predicts(preset):
     from nuclei_app.config import get_preset
-    from nuclei_app.model import _integral, build_model
+    from nuclei_app.model.heads import integral_image
+    from nuclei_app.model.mask_rcnn import build_model
 
     torch.manual_seed(0)
     model = build_model(2, get_preset(preset), heads=2)
@@ -292,7 +297,7 @@ def test_every_preset_builds_from_scratch_and_takes_a_training_step_and_predicts
     masks = torch.zeros((1, size, size), dtype=torch.uint8)
     masks[0, 20:36, 24:40] = 1
     target = {"boxes": torch.tensor([[24.0, 20.0, 40.0, 36.0]]), "labels": torch.ones(1, dtype=torch.int64),
-              "masks": masks, "ignore_integral": _integral(torch.zeros(size, size))}
+              "masks": masks, "ignore_integral": integral_image(torch.zeros(size, size))}
     model.train()
     losses = model.training_losses(torch.rand(1, 2, size, size), [[target], [target]])
     total = sum(losses.values())
@@ -308,8 +313,9 @@ def test_every_preset_builds_from_scratch_and_takes_a_training_step_and_predicts
 def test_native_labels_are_pasted_at_native_resolution_not_upsampled_from_canonical(trained_model_dir, crop_image):
     """A slide downscaled 4x to canonical scale gets outlines drawn on its own pixel grid
     (as `segment` draws them), not 4 x 4 blocks of upsampled canonical labels."""
-    from nuclei_app.evaluate import score_instances
-    from nuclei_app.train import predict_label_image, predict_native_labels, rescale_image
+    from nuclei_app.core.metrics import score_instances
+    from nuclei_app.train.pseudo_labels import predict_label_image, predict_native_labels
+    from nuclei_app.model.transform import rescale_image
 
     model, _ = load_model(trained_model_dir)
     crop = tifffile.imread(crop_image).astype(np.float32)[None] / 255.0
@@ -332,8 +338,9 @@ def test_tiled_prediction_of_training_images_has_no_duplicates_at_tile_overlaps(
     image end overlaps its neighbour by more than the nominal overlap, and both used to claim the
     nuclei there (each as its own label: 116 duplicates on coelho2009's 430 nuclei)."""
     from conftest import SAMPLE_IMAGE
-    from nuclei_app.evaluate import score_instances
-    from nuclei_app.train import load_training_images, predict_label_image
+    from nuclei_app.core.metrics import score_instances
+    from nuclei_app.train.data import load_training_images
+    from nuclei_app.train.pseudo_labels import predict_label_image
 
     (item,), _, _ = load_training_images([SAMPLE_IMAGE], TrainingConfig())
     model, _ = load_model(trained_model_dir)

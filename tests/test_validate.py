@@ -12,8 +12,8 @@ import pytest
 
 from nuclei_app.errors import ExitCode
 from nuclei_app.schemas import schema_errors
-from nuclei_app.validate import RULES, validate_dataset
-from nuclei_app.write import write_ome_tiff
+from nuclei_app.bids.validate import RULES, validate_dataset
+from nuclei_app.io.ome_tiff import write_ome_tiff
 
 A = "sub-01/ses-01/micr/sub-01_ses-01_sample-A_FLUO"
 B = "sub-01/ses-02/micr/sub-01_ses-02_sample-B_FLUO"

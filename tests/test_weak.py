@@ -7,18 +7,11 @@ import pytest
 import tifffile
 
 from nuclei_app.errors import ExitCode
-from nuclei_app.evaluate import score_instances
-from nuclei_app.instances import Instances
-from nuclei_app.labels import read_labels
-from nuclei_app.weak import (
-    IGNORE_BELOW_CONFIDENCE,
-    WeakLabels,
-    estimate_nucleus_diameter,
-    log_watershed,
-    nuclear_composite,
-    otsu_watershed,
-    weak_labels,
-)
+from nuclei_app.core.metrics import score_instances
+from nuclei_app.core.instances import Instances
+from nuclei_app.io.labels import read_labels
+from nuclei_app.core.weak import IGNORE_BELOW_CONFIDENCE, WeakLabels, estimate_nucleus_diameter, log_watershed, otsu_watershed, weak_labels
+from nuclei_app.core.intensity import nuclear_composite
 
 DSB_DENSE = ("dsb2018-stage1-fixed", "dsb_07fb37aafa66")  # U2OS Hoechst, 313 nuclei, many touching
 DSB_SMALL = ("dsb2018-stage1-fixed", "dsb_f6863b83d75e")  # 256 x 256, dense clusters

@@ -7,14 +7,8 @@ import pytest
 import zarr
 from skimage.draw import ellipse
 
-from nuclei_app.instances import Instances
-from nuclei_app.write import (
-    FLAT_LABEL_NAME,
-    SegmentationZarrWriter,
-    downsample_nearest2,
-    layer_label_name,
-    write_segmentation_zarr,
-)
+from nuclei_app.core.instances import Instances
+from nuclei_app.io.ome_zarr import FLAT_LABEL_NAME, SegmentationZarrWriter, downsample_nearest2, layer_label_name, write_segmentation_zarr
 
 SHAPE = (300, 380)
 

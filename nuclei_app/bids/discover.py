@@ -8,7 +8,6 @@ inheritance principle: sidecars at the dataset root, subject, session and ``micr
 levels whose entities are a subset of the slide's and whose suffix matches; deeper and
 more specific files override shallower ones.
 """
-
 from __future__ import annotations
 
 import csv
@@ -17,25 +16,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
-
 from nuclei_app.errors import BadDataError, MissingInputError, UsageError
+from nuclei_app.io.slides import length_to_um
 
-__all__ = [
-    "SlideRecord",
-    "discover",
-    "parse_bids_name",
-    "bids_derivative_name",
-    "normalise_label",
-    "inherited_metadata",
-    "read_tsv",
-    "channel_names_with_staining",
-    "ENTITY_ORDER",
-    "MICROSCOPY_SUFFIXES",
-    "IMAGE_EXTENSIONS",
-]
+
+
 
 #: Entities of BIDS microscopy file names, in the order they must appear.
 ENTITY_ORDER: tuple[str, ...] = ("sub", "ses", "sample", "acq", "stain", "run", "chunk")
+
 
 #: BIDS microscopy suffixes. FLUO (fluorescence) and CONF (confocal) are the usual ones for
 #: nuclear stains; 2PE/MPE (two-/multi-photon), SPIM (light sheet), SR (super resolution),
@@ -64,11 +53,17 @@ MICROSCOPY_SUFFIXES: tuple[str, ...] = (
     "OCT",
 )
 
+
 #: Image extensions the app reads (``.ome.zarr`` is a folder).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".ome.tif", ".ome.btf", ".ome.zarr")
 
+
 _LABEL = r"[a-zA-Z0-9]+"
+
+
 _INDEX = r"[0-9]+"
+
+
 _BIDS_NAME = re.compile(
     rf"^sub-(?P<sub>{_LABEL})"
     rf"(?:_ses-(?P<ses>{_LABEL}))?"
@@ -80,10 +75,12 @@ _BIDS_NAME = re.compile(
     r"_(?P<suffix>[a-zA-Z0-9]+)"
     r"(?P<extension>\.[a-zA-Z0-9.]+)?$"
 )
+
+
 _PREFIXES = {"participant": "sub-", "session": "ses-", "sample": "sample-"}
 
 
-def _split_extension(name: str) -> tuple[str, str]:
+def split_extension(name: str) -> tuple[str, str]:
     """Split ``name`` at its first dot: ('sub-01_sample-A_FLUO', '.ome.tif')."""
     stem, dot, rest = name.partition(".")
     return stem, (dot + rest) if dot else ""
@@ -111,9 +108,9 @@ def parse_bids_name(name: str) -> dict[str, str] | None:
     return parsed
 
 
-def _parse_loose(name: str) -> tuple[dict[str, str], str, str] | None:
+def parse_loose_name(name: str) -> tuple[dict[str, str], str, str] | None:
     """Entities (any subset, e.g. of an inherited sidecar ``sample-A_FLUO.json``), suffix, extension."""
-    stem, extension = _split_extension(name)
+    stem, extension = split_extension(name)
     parts = stem.split("_")
     entities: dict[str, str] = {}
     for part in parts[:-1]:
@@ -207,7 +204,6 @@ class SlideRecord:
 
         None when either key is missing or malformed.
         """
-        from nuclei_app.read import length_to_um
 
         size = self.metadata.get("PixelSize")
         unit = self.metadata.get("PixelSizeUnits")
@@ -244,7 +240,7 @@ def bids_derivative_name(record: SlideRecord, desc: str, suffix: str, ext: str) 
 
 
 def _sidecar_applies(sidecar_name: str, entities: dict[str, str], suffix: str) -> bool:
-    parsed = _parse_loose(sidecar_name)
+    parsed = parse_loose_name(sidecar_name)
     if parsed is None:
         return False
     sidecar_entities, sidecar_suffix, extension = parsed
@@ -278,7 +274,7 @@ def inherited_metadata(path: Path, bids_dir: Path, entities: dict[str, str], suf
             if entry.is_file() and entry.name.endswith(".json") and _sidecar_applies(entry.name, entities, suffix)
         ]
         # within one folder the more specific sidecar (more entities) wins
-        candidates.sort(key=lambda entry: (len(_parse_loose(entry.name)[0]), entry.name))  # type: ignore[index]
+        candidates.sort(key=lambda entry: (len(parse_loose_name(entry.name)[0]), entry.name))  # type: ignore[index]
         for sidecar in candidates:
             try:
                 content = json.loads(sidecar.read_text(encoding="utf-8"))
@@ -332,7 +328,7 @@ def image_candidates(bids_dir: Path) -> list[Path]:
     return entries
 
 
-def _check_bids_dir(bids_dir: str | Path) -> Path:
+def check_bids_dir(bids_dir: str | Path) -> Path:
     path = Path(bids_dir)
     if not path.exists():
         raise MissingInputError("BIDS dataset folder does not exist; check the path", path)
@@ -370,7 +366,7 @@ def discover(
     BadDataError
         A slide is a symlink resolving outside the dataset, or a sidecar is invalid JSON.
     """
-    root = _check_bids_dir(bids_dir)
+    root = check_bids_dir(bids_dir)
     subjects = _normalise_labels(participant_label, "participant")
     sessions = _normalise_labels(session_label, "session")
     samples = _normalise_labels(sample_label, "sample")

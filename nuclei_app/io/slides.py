@@ -20,31 +20,23 @@ Supported inputs
 - OME-Zarr (NGFF 0.1 to 0.5, zarr v2 and v3), including the bioformats2raw layout
   (series subgroups) and ``omero`` channel labels.
 """
-
 from __future__ import annotations
 
 import logging
 import math
-import re
 import xml.etree.ElementTree as ElementTree
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
-
 import numpy as np
-
 from nuclei_app.errors import BadDataError, MissingInputError, NucleiAppError, UsageError
+from nuclei_app.io.ngff import bioformats2raw_series, ngff_axes, ngff_level0_scale, omero_names
+from nuclei_app.core.intensity import normalise_intensities
+from nuclei_app.core.tissue import tissue_level
 
-__all__ = [
-    "Slide",
-    "open_slide",
-    "read_image",
-    "select_nuclear_channels",
-    "channel_percentiles",
-    "NUCLEAR_STAIN_ALIASES",
-    "length_to_um",
-]
+
+
 
 #: Micrometres per unit, for OME-XML, NGFF and BIDS ``PixelSizeUnits`` spellings.
 UNIT_TO_UM: dict[str, float] = {
@@ -71,46 +63,8 @@ UNIT_TO_UM: dict[str, float] = {
     "angstrom": 1e-4,
 }
 
-_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
-#: Channel-name aliases of nuclear stains, grouped by what they mark. Names are compared
-#: after `_normalise_channel_name` (lower case; spaces, '-', '_', '.', brackets removed;
-#: cycle prefixes such as "cycle1_" dropped).
-NUCLEAR_STAIN_ALIASES: dict[str, tuple[str, ...]] = {
-    "dapi": (
-        "dapi",
-        "hoechst",
-        "hoechst33342",
-        "hoechst33258",
-        "ho33342",
-        "dna",
-        "nuclei",
-        "nucleus",
-        "nuclear",
-        "draq5",
-        "draq7",
-        "sytox",
-        "syto",
-        "topro3",
-        "redot1",
-        "propidiumiodide",
-        "pi",
-    ),
-    "histone": (
-        "histone",
-        "histoneh3",
-        "histoneh2b",
-        "histoneh1",
-        "panhistone",
-        "h3",
-        "h2b",
-        "h2a",
-        "h1",
-        "h4",
-        "h2bgfp",
-    ),
-    "lamin": ("lamin", "laminb1", "lamina", "laminac", "lmnb1"),
-}
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def length_to_um(value: float, unit: str | None) -> float | None:
@@ -613,7 +567,7 @@ def _open_zarr_quietly(path: Path, series: int, z: int, t: int) -> Slide:
     ome = attributes.get("ome", attributes)
     group, ome_xml = root, None
     if "bioformats2raw.layout" in ome or "bioformats2raw.layout" in attributes:
-        names = _bioformats2raw_series(root)
+        names = bioformats2raw_series(root)
         if not 0 <= series < len(names):
             raise UsageError(f"series {series} does not exist (the store has {len(names)})", path)
         try:
@@ -646,10 +600,10 @@ def _open_zarr_quietly(path: Path, series: int, z: int, t: int) -> Slide:
                 f"pyramid level {dataset.get('path')!r} is missing ({_first_line(error)}); the store is incomplete",
                 path,
             ) from None
-    axes, units = _ngff_axes(multiscale, arrays[0].ndim, path)
+    axes, units = ngff_axes(multiscale, arrays[0].ndim, path)
     level_shapes = [_cyx_shape(array.shape, axes, path) for array in arrays]
     fixed = _fixed_indices(axes, arrays[0].shape, z, t, path)
-    scale = _ngff_level0_scale(multiscale, datasets[0], len(axes))
+    scale = ngff_level0_scale(multiscale, datasets[0], len(axes))
     pixel_size = None
     if scale is not None:
         um_y = length_to_um(scale[axes.index("Y")], units.get("Y"))
@@ -657,7 +611,7 @@ def _open_zarr_quietly(path: Path, series: int, z: int, t: int) -> Slide:
         if um_y and um_x and um_y > 0 and um_x > 0:
             pixel_size = (um_y, um_x)
     n_channels = level_shapes[0][0]
-    names = _omero_names(ome.get("omero") or attributes.get("omero"), n_channels)
+    names = omero_names(ome.get("omero") or attributes.get("omero"), n_channels)
     if names is None and ome_xml is not None:
         xml_names, xml_pixel_size = _ome_xml_pixels(ome_xml, series)
         names = xml_names if xml_names and len(xml_names) == n_channels else None
@@ -674,162 +628,6 @@ def _open_zarr_quietly(path: Path, series: int, z: int, t: int) -> Slide:
         _axes=[axes] * len(arrays),
         _fixed=fixed,
     )
-
-
-def _bioformats2raw_series(root: Any) -> list[str]:
-    try:
-        listed = root["OME"].attrs.get("series")
-        if listed:
-            return [str(name) for name in listed]
-    except Exception:  # layout 1 has no OME group: series are the numbered subgroups
-        pass
-    return sorted((name for name in root.group_keys() if name.isdigit()), key=int)
-
-
-def _ngff_axes(multiscale: dict, ndim: int, path: Path) -> tuple[str, dict[str, str]]:
-    """Axes of a multiscale as one letter each (T, C, Z, Y, X, or '?') and their units."""
-    raw_axes = multiscale.get("axes")
-    if raw_axes is None:  # NGFF 0.1/0.2: implicit t, c, z, y, x, trailing axes when fewer
-        return "TCZYX"[-ndim:], {}
-    letters, units = [], {}
-    for axis in raw_axes:
-        if isinstance(axis, str):
-            name, kind, unit = axis, None, None
-        else:
-            name, kind, unit = str(axis.get("name", "")), axis.get("type"), axis.get("unit")
-        name = name.lower()
-        if name in ("x", "y", "z", "t", "c"):
-            letter = name.upper()
-        elif kind == "channel":
-            letter = "C"
-        elif kind == "time":
-            letter = "T"
-        else:
-            letter = "?"
-        if unit:
-            units[letter] = str(unit)
-        letters.append(letter)
-    text = "".join(letters)
-    if len(text) != ndim:
-        raise BadDataError(f"NGFF axes {text!r} do not match the array's {ndim} dimensions; re-export it", path)
-    return text, units
-
-
-def _ngff_level0_scale(multiscale: dict, dataset: dict, ndim: int) -> list[float] | None:
-    scale = None
-    for transform in dataset.get("coordinateTransformations") or []:
-        if transform.get("type") == "scale" and "scale" in transform:
-            scale = [float(v) for v in transform["scale"]]
-    for transform in multiscale.get("coordinateTransformations") or []:
-        if transform.get("type") == "scale" and "scale" in transform and scale is not None:
-            scale = [a * float(b) for a, b in zip(scale, transform["scale"])]
-    return scale if scale is not None and len(scale) == ndim else None
-
-
-def _omero_names(omero: Any, n_channels: int) -> list[str] | None:
-    if not isinstance(omero, dict):
-        return None
-    channels = omero.get("channels") or []
-    if len(channels) != n_channels:
-        return None
-    names = []
-    for index, channel in enumerate(channels):
-        label = channel.get("label") if isinstance(channel, dict) else None
-        names.append(str(label) if label not in (None, "") else f"channel_{index}")
-    return names
-
-
-# --------------------------------------------------------------------------------------
-# Channels and intensity statistics
-# --------------------------------------------------------------------------------------
-
-_CYCLE_PREFIX = re.compile(r"^(?:cycle|cyc|round|rnd|r|c)\d+")
-
-
-def _normalise_channel_name(name: str) -> str:
-    text = re.sub(r"[\s\-_.()\[\]/:]+", "", str(name).lower())
-    return _CYCLE_PREFIX.sub("", text) or text
-
-
-def _alias_group(normalised: str) -> str | None:
-    """The stain group (key of NUCLEAR_STAIN_ALIASES) a normalised channel name belongs to."""
-    candidates = {normalised, re.sub(r"\d+$", "", normalised)}  # "DAPI_2" of a later cycle is DAPI
-    for group, aliases in NUCLEAR_STAIN_ALIASES.items():
-        for alias in aliases:
-            if alias in candidates:
-                return group
-            # long aliases may carry a qualifier: "DAPI-cycle3", "Hoechst33342 (nuclei)"
-            if len(alias) >= 4 and normalised.startswith(alias):
-                return group
-    return None
-
-
-def stain_key(channel_name: str) -> str:
-    """What a channel name stains, for comparing panels: "DAPI", "Hoechst 33342" -> "dapi".
-
-    The alias group for known nuclear stains, else the normalised name.
-    """
-    normalised = _normalise_channel_name(channel_name)
-    return _alias_group(normalised) or normalised
-
-
-def select_nuclear_channels(
-    channel_names: Sequence[str],
-    requested: str | Sequence[str] | None = None,
-    path: str | Path | None = None,
-) -> list[int]:
-    """Indices of the nuclear-stain channels, chosen by name.
-
-    Parameters
-    ----------
-    channel_names : sequence of str
-        Names of the slide's channels, in order.
-    requested : str or sequence of str, optional
-        ``"DAPI,Histone"`` or ``["DAPI", "Histone"]``: each item matches a channel name
-        case-insensitively (ignoring spaces, '-', '_' and cycle prefixes); a stain alias
-        such as ``"Hoechst"`` also matches a channel named ``"DAPI"``. None picks every
-        channel named like a known nuclear stain, or channel 0 of a single-channel image.
-    path : str or Path, optional
-        Slide path, for the error message.
-
-    Returns
-    -------
-    list of int
-        Channel indices, in the requested (or channel) order, without duplicates.
-
-    Raises
-    ------
-    BadDataError
-        No channel matches; the message lists the available names and how to choose.
-    """
-    names = [str(name) for name in channel_names]
-    normalised = [_normalise_channel_name(name) for name in names]
-    available = ", ".join(names) if names else "(none)"
-    how = "pass --nuclear-channels NAME[,NAME] with names from that list"
-    if requested is None:
-        chosen = [i for i, name in enumerate(normalised) if _alias_group(name) is not None]
-        if not chosen and len(names) == 1:
-            return [0]
-        if not chosen:
-            raise BadDataError(f"no channel is named like a nuclear stain (channels: {available}); {how}", path)
-        return chosen
-    items = [item.strip() for item in requested.split(",")] if isinstance(requested, str) else list(requested)
-    items = [str(item).strip() for item in items if str(item).strip()]
-    if not items:
-        raise UsageError("--nuclear-channels is empty; give channel names such as DAPI,Histone", path)
-    chosen: list[int] = []
-    for item in items:
-        wanted = _normalise_channel_name(item)
-        exact = [i for i, name in enumerate(normalised) if name == wanted]
-        if not exact:
-            exact = [i for i, name in enumerate(names) if name.strip().lower() == item.lower()]
-        if not exact and _alias_group(wanted) is not None:
-            group = _alias_group(wanted)
-            exact = [i for i, name in enumerate(normalised) if _alias_group(name) == group]
-        if not exact:
-            raise BadDataError(f"no channel matches {item!r} (channels: {available}); {how}", path)
-        chosen.extend(i for i in exact if i not in chosen)
-    return chosen
 
 
 def _percentile_source(slide: Slide, min_pixels: int) -> int:
@@ -884,13 +682,16 @@ def channel_percentiles(
     return np.asarray(result, dtype=np.float32)
 
 
-def normalise_intensities(raw: np.ndarray, percentiles: np.ndarray) -> np.ndarray:
-    """Map each channel of (C, H, W) so its whole-slide low/high percentiles go to 0/1.
+def tissue_overview(slide: Slide, channels: Sequence[int], percentiles: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """The nuclear composite of the slide's tissue-detection level and its downsampling factors.
 
-    Returns float32, NaN -> 0, clipped to [0, 1.5] (bright nuclei keep some headroom).
-    The model is trained and applied with this one mapping, so tiles of a slide agree.
+    Returns
+    -------
+    low : ndarray of float32, shape (y, x)
+        Mean of the normalised nuclear channels at `nuclei_app.core.tissue.tissue_level`.
+    factors : tuple of float
+        Level-0 pixels per ``low`` pixel, (y, x).
     """
-    low = np.asarray(percentiles, dtype=np.float32)[:, 0][:, None, None]
-    high = np.asarray(percentiles, dtype=np.float32)[:, 1][:, None, None]
-    scaled = (raw.astype(np.float32) - low) / np.maximum(high - low, 1e-6)
-    return np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.5)
+    level = tissue_level(slide.level_shapes)
+    low = normalise_intensities(slide.read_level(level, channels), percentiles).mean(axis=0)
+    return low, slide.downsample_factor(level)

@@ -15,7 +15,6 @@ The GeoJSON is a FeatureCollection of polygons in level-0 pixel coordinates (x, 
 Both writers stream: rows and features are appended tile by tile to a temporary file that
 is renamed when complete, so memory does not grow with the slide.
 """
-
 from __future__ import annotations
 
 import json
@@ -23,14 +22,14 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
-
 import numpy as np
-
 from nuclei_app.atomic import atomic_write_json, partial_name
 from nuclei_app.schemas import validate_instance
-from nuclei_app.stitch import StitchedTile
+from nuclei_app.core.stitching import StitchedTile
+
 
 MISSING = "n/a"
+
 
 #: (name, description, units) of the fixed columns, in order.
 FIXED_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -79,7 +78,7 @@ def table_sidecar(channel_names: Sequence[str]) -> dict[str, dict[str, str]]:
     return sidecar
 
 
-def _number(value: float, digits: int) -> str:
+def format_number(value: float, digits: int) -> str:
     return MISSING if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
@@ -97,18 +96,18 @@ def nucleus_rows(stitched: StitchedTile, pixel_size_um: tuple[float, float] | No
             str(int(stitched.layers[position])),
             f"{centroid_y:.2f}",
             f"{centroid_x:.2f}",
-            _number(centroid_y * size_y, 3) if size_y else MISSING,
-            _number(centroid_x * size_x, 3) if size_x else MISSING,
+            format_number(centroid_y * size_y, 3) if size_y else MISSING,
+            format_number(centroid_x * size_x, 3) if size_x else MISSING,
             str(area),
-            _number(area * size_y * size_x, 3) if size_y else MISSING,
+            format_number(area * size_y * size_x, 3) if size_y else MISSING,
             str(y0),
             str(x0),
             str(y1),
             str(x1),
-            _number(float(candidates.solidity[index]), 4),
-            _number(float(candidates.eccentricity[index]), 4),
-            _number(float(candidates.scores[index]), 4),
-            _number(float(candidates.head_agreement[index]), 4),
+            format_number(float(candidates.solidity[index]), 4),
+            format_number(float(candidates.eccentricity[index]), 4),
+            format_number(float(candidates.scores[index]), 4),
+            format_number(float(candidates.head_agreement[index]), 4),
             str(int(stitched.n_overlapping[position])),
         ]
         row.extend(
@@ -300,3 +299,4 @@ class GeoJSONWriter(_StreamingFile):
         """Finish the collection and rename it into place."""
         self.handle.write("\n]}\n")
         self._commit()
+

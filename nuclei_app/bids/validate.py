@@ -21,7 +21,6 @@ rule, each naming the file and how to fix it. Rules (``rule`` field of a problem
 ``outside-dataset``        a slide is a symlink resolving outside the dataset
 =========================  ==========================================================
 """
-
 from __future__ import annotations
 
 import json
@@ -29,25 +28,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 from nuclei_app import __version__
-from nuclei_app.discover import (
-    ENTITY_ORDER,
-    IMAGE_EXTENSIONS,
-    MICROSCOPY_SUFFIXES,
-    _check_bids_dir,
-    _parse_loose,
-    _split_extension,
-    check_inside,
-    channel_names_with_staining,
-    image_candidates,
-    inherited_metadata,
-    parse_bids_name,
-    read_tsv,
-)
+from nuclei_app.bids.discover import ENTITY_ORDER, IMAGE_EXTENSIONS, MICROSCOPY_SUFFIXES, check_bids_dir, parse_loose_name, split_extension, channel_names_with_staining, check_inside, image_candidates, inherited_metadata, parse_bids_name, read_tsv
 from nuclei_app.errors import BadDataError, NucleiAppError
+from nuclei_app.io.slides import open_slide
+from nuclei_app.core.channels import select_nuclear_channels
+from nuclei_app.bids.discover import SlideRecord
+from nuclei_app.atomic import atomic_write_text
+from nuclei_app.schemas import validate_instance
 
-__all__ = ["ValidationReport", "Problem", "validate_dataset", "RULES"]
+
+
 
 RULES: tuple[str, ...] = (
     "dataset-description",
@@ -65,9 +56,11 @@ RULES: tuple[str, ...] = (
     "outside-dataset",
 )
 
+
 #: Relative disagreement between sidecar and OME pixel sizes still accepted (rounding in
 #: instrument software writes e.g. 0.6499999761581421 for 0.65).
 PIXEL_SIZE_TOLERANCE = 0.02
+
 
 _NAME_TEMPLATE = (
     "sub-<label>[_ses-<label>]_sample-<label>[_acq-<label>][_stain-<label>][_run-<index>][_chunk-<index>]"
@@ -156,8 +149,6 @@ class ValidationReport:
 
     def write_json(self, path: str | Path) -> Path:
         """Validate against the schema and write atomically."""
-        from nuclei_app.atomic import atomic_write_text
-        from nuclei_app.schemas import validate_instance
 
         validate_instance(self.to_dict(), "validation_report")
         return atomic_write_text(path, self.to_json())
@@ -170,7 +161,7 @@ class ValidationReport:
 
 def _explain_bad_name(name: str) -> tuple[str, str]:
     """Why ``name`` is not a BIDS microscopy name, and a suggested fix."""
-    stem, extension = _split_extension(name)
+    stem, extension = split_extension(name)
     parts = stem.split("_")
     pairs = []
     for part in parts[:-1]:
@@ -287,7 +278,6 @@ def _check_dataset_files(report: ValidationReport, bids_dir: Path) -> list[dict[
 
 def _check_image(report: ValidationReport, entry: Path, bids_dir: Path, parsed: dict[str, str],
                  samples: list[dict[str, str]] | None) -> None:
-    from nuclei_app.read import open_slide, select_nuclear_channels
 
     try:
         check_inside(entry, bids_dir)
@@ -321,7 +311,6 @@ def _check_image(report: ValidationReport, entry: Path, bids_dir: Path, parsed: 
         metadata = None
     sidecar_pixel_size = None
     if metadata is not None:
-        from nuclei_app.discover import SlideRecord
 
         record = SlideRecord(entry, bids_dir, entities, parsed["suffix"], extension, metadata)
         sidecar_pixel_size = record.pixel_size_um
@@ -376,7 +365,7 @@ def validate_dataset(bids_dir: str | Path) -> ValidationReport:
     MissingInputError
         ``bids_dir`` does not exist or is not a folder.
     """
-    root = _check_bids_dir(bids_dir)
+    root = check_bids_dir(bids_dir)
     report = ValidationReport(bids_dir=root)
     samples = _check_dataset_files(report, root)
     for entry in image_candidates(root):
@@ -385,8 +374,8 @@ def validate_dataset(bids_dir: str | Path) -> ValidationReport:
         if parsed is None:
             message, fix = _explain_bad_name(entry.name)
             report.add(entry, "filename", message, fix)
-            loose = _parse_loose(entry.name)
-            suffix, extension = (loose[1], loose[2]) if loose else ("", _split_extension(entry.name)[1])
+            loose = parse_loose_name(entry.name)
+            suffix, extension = (loose[1], loose[2]) if loose else ("", split_extension(entry.name)[1])
         else:
             folder_message = _folder_problem(entry, root, parsed)
             if folder_message:

@@ -21,15 +21,10 @@ background, its solidity and its size relative to the estimated diameter; foregr
 not covered by a confident object is marked "ignore" so that training does not teach
 unlabeled nuclei as background.
 """
-
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
@@ -37,22 +32,34 @@ from skimage.filters import threshold_otsu
 from skimage.measure import regionprops
 from skimage.segmentation import relabel_sequential, watershed
 from skimage.transform import downscale_local_mean, resize
+from nuclei_app.core.instances import Instances
+from nuclei_app.core.intensity import nuclear_composite
 
-from nuclei_app.instances import Instances
 
 METHODS = ("log", "otsu")
-DEFAULT_PERCENTILES = (1.0, 99.8)
+
+
 # Plausible nucleus diameters when the pixel size is known (µm): from small lymphocytes
 # and glia to large tumour or neuronal nuclei.
 PHYSICAL_DIAMETER_RANGE_UM = (3.0, 30.0)
+
+
 MIN_DIAMETER_PX = 4.0
+
+
 # Objects smaller than this fraction of the expected nucleus area are fragments.
 MIN_AREA_FRACTION = 0.1
+
+
 # Objects below this confidence are also marked ignore.
 IGNORE_BELOW_CONFIDENCE = 0.35
+
+
 # Working resolution: images are segmented with nuclei about this many pixels across
 # (larger nuclei are handled on a downsampled copy; boundaries are refined at full size).
 WORKING_DIAMETER_PX = 16.0
+
+
 # A square of side k no longer fits in a nucleus of diameter ~ GRANULOMETRY_FACTOR * k.
 GRANULOMETRY_FACTOR = 1.2
 
@@ -91,49 +98,6 @@ class WeakLabels:
     def to_instances(self) -> Instances:
         """The objects as `Instances` (one full mask each, scores = confidence)."""
         return Instances.from_label_image(self.labels, scores=self.confidence)
-
-
-# --------------------------------------------------------------------------- composite
-
-
-def nuclear_composite(image: np.ndarray, percentiles: np.ndarray | None = None) -> np.ndarray:
-    """Robustly normalise each nuclear channel to [0, 1] and average them.
-
-    Parameters
-    ----------
-    image : ndarray, shape (C, Y, X) or (Y, X)
-        The nuclear channel(s); any real dtype. NaN counts as 0 after normalisation.
-    percentiles : array-like, shape (C, 2), optional
-        ``[low, high]`` intensity per channel mapped to 0 and 1 (e.g. whole-slide
-        percentiles so that tiles agree). Computed from ``image`` (1st and 99.8th
-        percentiles) when absent.
-
-    Returns
-    -------
-    ndarray of float32, shape (Y, X)
-        Values in [0, 1].
-    """
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3:
-        raise ValueError(f"image must be (C, Y, X) or (Y, X), got shape {array.shape}")
-    array = array.astype(np.float32, copy=False)
-    if percentiles is None:
-        flat = array.reshape(array.shape[0], -1)
-        percentiles = np.stack(
-            [np.nanpercentile(channel, DEFAULT_PERCENTILES) if np.isfinite(channel).any() else (0.0, 1.0) for channel in flat]
-        )
-    percentiles = np.asarray(percentiles, dtype=np.float64).reshape(array.shape[0], 2)
-    composite = np.zeros(array.shape[1:], dtype=np.float32)
-    for channel, (low, high) in zip(array, percentiles):
-        span = high - low
-        if not np.isfinite(span) or span <= 0:
-            continue  # a flat channel carries no nuclei signal
-        normalised = (channel - np.float32(low)) / np.float32(span)
-        composite += np.clip(np.nan_to_num(normalised, nan=0.0), 0.0, 1.0)
-    composite /= array.shape[0]
-    return composite
 
 
 # --------------------------------------------------------------------------- scale
@@ -564,96 +528,3 @@ def weak_labels(
     labeler = log_watershed if method == "log" else otsu_watershed
     return labeler(composite, diameter, pixel_size_um=pixel_size_um)
 
-
-# --------------------------------------------------------------------------- files
-
-OUTPUT_SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif")
-
-
-def weak_label_file(
-    image_path: str | Path,
-    output_path: str | Path,
-    method: str = "log",
-    nuclear_channels: str | Sequence[str] | None = None,
-    diameter: float | None = None,
-) -> WeakLabels:
-    """Weak-label a whole image file and write the labels.
-
-    The whole level 0 of the image is read into memory: this is meant for scoring the
-    teacher on tiles and images (whole slides are segmented tile by tile by `segment`).
-
-    Parameters
-    ----------
-    image_path : path
-        OME-TIFF / TIFF file or OME-Zarr folder (read with `nuclei_app.read.open_slide`).
-    output_path : path
-        ``.tif``/``.tiff`` (``.ome.tif``): a ``uint32`` label TIFF; ``.ome.zarr``: an NGFF
-        image of the nuclear channels with the label image ``labels/nuclei``.
-    method : {"log", "otsu"}
-        The labeler.
-    nuclear_channels : str or sequence of str, optional
-        Nuclear channel names (``"DAPI,Histone"``); default: chosen by name.
-    diameter : float, optional
-        Nucleus diameter in pixels; estimated when absent.
-
-    Returns
-    -------
-    WeakLabels
-
-    Raises
-    ------
-    UsageError
-        Unknown method, output suffix, or a non-positive diameter.
-    MissingInputError, BadDataError
-        From reading the image.
-    """
-    from nuclei_app.errors import UsageError
-    from nuclei_app.labels import write_label_tiff, write_labels_ome_zarr
-    from nuclei_app.read import channel_percentiles, open_slide, select_nuclear_channels
-
-    output_path = Path(output_path)
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if not output_path.name.lower().endswith(OUTPUT_SUFFIXES):
-        raise UsageError("output must end in .tif, .tiff or .ome.zarr", output_path)
-    if diameter is not None and not (np.isfinite(diameter) and diameter > 0):
-        raise UsageError(f"--diameter must be a positive number of pixels, got {diameter}")
-    with open_slide(image_path) as slide:
-        channels = select_nuclear_channels(slide.channel_names, nuclear_channels, path=image_path)
-        percentiles = channel_percentiles(slide, channels)
-        image = slide.read_level(0, channels=channels)
-        names = [slide.channel_names[index] for index in channels]
-        pixel_size = slide.pixel_size_um
-    result = weak_labels(image, method=method, pixel_size_um=pixel_size, diameter=diameter, percentiles=percentiles)
-    if output_path.name.lower().endswith(".ome.zarr"):
-        write_labels_ome_zarr(output_path, result.labels, image=image, channel_names=names, pixel_size_um=pixel_size)
-    else:
-        write_label_tiff(output_path, result.labels, pixel_size_um=pixel_size)
-    return result
-
-
-def signal_autocorrelation(composite: np.ndarray) -> float | None:
-    """Pearson correlation of the composite with itself shifted by one pixel (mean of y and x).
-
-    Stained nuclei are blobs many pixels wide, so neighbouring pixels agree (about 0.9 and
-    more); white noise has none (about 0). None when the image is constant.
-
-    Parameters
-    ----------
-    composite : ndarray of float, shape (H, W), H and W >= 2
-
-    Returns
-    -------
-    float in [-1, 1] or None
-    """
-    image = np.asarray(composite, dtype=np.float64)
-    values = []
-    for a, b in ((image[:, :-1], image[:, 1:]), (image[:-1, :], image[1:, :])):
-        if a.size < 2:
-            continue
-        a = a - a.mean()
-        b = b - b.mean()
-        denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-        if denominator > 0:
-            values.append(float((a * b).sum()) / denominator)
-    return float(np.mean(values)) if values else None

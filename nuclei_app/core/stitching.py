@@ -18,26 +18,29 @@ overlapping nuclei share a layer and every full mask can be stored losslessly.
 Everything here works on `TileCandidates` (bounding box + cropped mask per object,
 global coordinates), so memory stays proportional to a few tiles, not the slide.
 """
-
 from __future__ import annotations
 
 import io
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
-
 import numpy as np
-from scipy.spatial import ConvexHull, QhullError
+from nuclei_app.core.instances import Instances
+from nuclei_app.core.morphology import shape_descriptors
 
-from nuclei_app.instances import Instances
 
 #: Two candidates from neighbouring tiles with at least this IoU are the same nucleus.
 DUPLICATE_IOU = 0.5
+
+
 #: A candidate cut by its tile's edge is a duplicate of a whole one when at least this
 #: fraction of the cut piece lies inside it.
 DUPLICATE_CONTAINMENT = 0.5
+
+
 #: Distance assigned when a candidate's tile has no internal edge (a one-tile slide).
 FAR_FROM_EDGE = np.float32(1e9)
+
 
 Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), half-open, global pixel coordinates
 
@@ -144,41 +147,6 @@ def _core_contains(value: np.ndarray, low: int, high: int) -> np.ndarray:
     """Whether the pixel nearest to each float coordinate lies in ``[low, high)``."""
     pixel = np.floor(value + 0.5)
     return (pixel >= low) & (pixel < high)
-
-
-def shape_descriptors(mask: np.ndarray) -> tuple[float, float]:
-    """Solidity and eccentricity of one mask (H, W) bool.
-
-    Solidity is the pixel count over the area of the convex hull of the pixel squares
-    (1.0 for a rectangle; a digitised disc or ellipse scores about 0.92-0.96, concave or
-    merged shapes less); eccentricity is that of the ellipse with the same second central
-    moments (0 = circle, towards 1 = elongated), as scikit-image's ``regionprops`` defines it.
-    """
-    ys, xs = np.nonzero(mask)
-    area = len(ys)
-    if area == 0:
-        return 0.0, 0.0
-    # Corners of boundary pixels are enough for the hull.
-    padded = np.pad(mask, 1)
-    interior = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    by, bx = np.nonzero(mask & ~interior)
-    corners = np.concatenate(
-        [np.stack([by + dy, bx + dx], axis=1) for dy in (0, 1) for dx in (0, 1)]
-    ).astype(np.float64)
-    try:
-        hull_area = float(ConvexHull(corners).volume)
-    except QhullError:  # all corners on a line cannot happen for pixel squares; be safe
-        hull_area = float(area)
-    solidity = min(1.0, area / hull_area) if hull_area > 0 else 1.0
-    cy, cx = ys.mean(), xs.mean()
-    var_y = ((ys - cy) ** 2).mean()
-    var_x = ((xs - cx) ** 2).mean()
-    cov = ((ys - cy) * (xs - cx)).mean()
-    spread = np.sqrt(((var_y - var_x) / 2) ** 2 + cov**2)
-    major = (var_y + var_x) / 2 + spread
-    minor = (var_y + var_x) / 2 - spread
-    eccentricity = float(np.sqrt(max(0.0, 1.0 - minor / major))) if major > 0 else 0.0
-    return float(solidity), eccentricity
 
 
 def tile_candidates(
@@ -662,3 +630,4 @@ def paint_region(
         best[target][take] = score
         layers[layer][target][piece] = instance_id
     return flat, layers
+

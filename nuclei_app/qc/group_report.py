@@ -16,7 +16,6 @@ absolute deviation when the MAD is 0); a slide is an outlier when some metric li
 ``OUTLIER_Z`` in its worse direction (either direction for descriptive metrics), with at
 least ``MIN_SLIDES_FOR_OUTLIERS`` slides.
 """
-
 from __future__ import annotations
 
 import base64
@@ -24,22 +23,37 @@ import html
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from nuclei_app.provenance import utc_timestamp
 from pathlib import Path
 from typing import Any, Sequence
-
 import numpy as np
-
 from nuclei_app import __version__
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError, NothingSelectedError
-from nuclei_app.qc import QC_SUFFIX, InvalidQCReportError
+from nuclei_app.qc.slide import InvalidQCReportError, QC_SUFFIX
+from nuclei_app.schemas import load_schema
+from nuclei_app.schemas import validate_instance
+from nuclei_app.atomic import atomic_write_json, atomic_write_text
+from nuclei_app.schemas import schema_errors
+
 
 GROUP_TSV = "group_qc.tsv"
+
+
 GROUP_JSON = "group_qc.json"
+
+
 REPORT_HTML = "report.html"
+
+
 OUTLIER_Z = 3.5
+
+
 MIN_SLIDES_FOR_OUTLIERS = 3
+
+
 MISSING = "n/a"
+
+
 #: Slide metrics compared across slides (all documented in the qc_report schema).
 GROUP_METRICS: tuple[str, ...] = (
     "n_nuclei",
@@ -112,7 +126,6 @@ def robust_z_scores(values: Sequence[float | None]) -> list[float | None]:
 
 def metric_directions() -> dict[str, str]:
     """``x-better`` (higher | lower | none) of every slide metric, from the qc_report schema."""
-    from nuclei_app.schemas import load_schema
 
     properties = load_schema("qc_report")["properties"]["slide"]["properties"]
     return {name: spec.get("x-better", "none") for name, spec in properties.items()}
@@ -120,7 +133,6 @@ def metric_directions() -> dict[str, str]:
 
 def metric_descriptions() -> dict[str, str]:
     """Description (definition, unit, range, better direction) of every slide metric."""
-    from nuclei_app.schemas import load_schema
 
     properties = load_schema("qc_report")["properties"]["slide"]["properties"]
     return {name: spec.get("description", "") for name, spec in properties.items()}
@@ -176,7 +188,6 @@ def read_qc_report(path: str | Path) -> dict[str, Any]:
     BadDataError
         Unreadable JSON or a report that breaks the schema.
     """
-    from nuclei_app.schemas import validate_instance
 
     path = Path(path)
     try:
@@ -243,6 +254,7 @@ td:first-child{white-space:nowrap}
 figure img{width:256px;height:auto;image-rendering:pixelated;border:1px solid #999;display:block}
 figcaption{font-size:.8rem}dl{font-size:.85rem}dt{font-weight:bold;margin-top:.4rem}.note{color:#555;font-size:.85rem}
 """
+
 
 # Sets data-images-total / data-images-rendered on <body> once the page has loaded, so a
 # headless browser (and a person with the developer tools) can check every image decoded.
@@ -385,8 +397,6 @@ def write_group_report(
     InvalidQCReportError
         The group summary breaks the ``group_qc`` schema (a bug: nothing is written).
     """
-    from nuclei_app.atomic import atomic_write_json, atomic_write_text
-    from nuclei_app.schemas import schema_errors
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -423,7 +433,7 @@ def write_group_report(
     counts = {status: sum(1 for s in slides if s["status"] == status) for status in ("pass", "warn", "fail")}
     summary = {
         "schema_version": "1.0",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created_at": utc_timestamp(),
         "software": {"name": "nuclei-app", "version": __version__},
         "n_slides": len(slides),
         "status_counts": counts,
@@ -460,15 +470,3 @@ def write_group_report(
     page = atomic_write_text(output_dir / REPORT_HTML, render_html(summary, reports))
     json_path = atomic_write_json(output_dir / GROUP_JSON, summary)
     return GroupReport(tsv, json_path, page, summary)
-
-
-__all__ = [
-    "GROUP_METRICS",
-    "GroupReport",
-    "bids_name",
-    "collect_qc_reports",
-    "read_qc_report",
-    "render_html",
-    "robust_z_scores",
-    "write_group_report",
-]

@@ -27,638 +27,56 @@ Every metric is documented (definition, unit, range, better direction) in
 ``schemas/qc_report.schema.json``; the report is validated against it before it is
 written, and an invalid report raises `InvalidQCReportError` (a bug, never a file).
 """
-
 from __future__ import annotations
 
 import json
 import math
 import platform
-import re
 import time
 import warnings
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from nuclei_app.provenance import utc_timestamp
 from pathlib import Path
 from typing import Any, Sequence
-
 import numpy as np
 from scipy import ndimage as ndi
-
 from nuclei_app import __version__
 from nuclei_app.config import QCThresholds
-from nuclei_app.errors import BadDataError, MissingInputError, UsageError
-from nuclei_app.weak import signal_autocorrelation
+from nuclei_app.errors import BadDataError, MissingInputError
+from nuclei_app.core.intensity import signal_autocorrelation
+from nuclei_app.core.intensity import otsu_threshold
+from nuclei_app.core.morphology import object_properties
+from nuclei_app.io.label_source import find_objects_table, open_label_source
+from nuclei_app.qc.metrics import ALL_HEADS_FOUND_IOU, MATCH_IOU, MIN_FOREGROUND_SHARE, QC_SCORE_WEIGHTS, TEACHER_MIN_FOREGROUND, mean_or_none, format_number, score_summary, foreground_coverage, foreground_precision, morphology_outliers, nuclear_foreground, overlapping_ids, seed_points, straight_cut_ids, teacher_agreement, tile_qc_score
+from nuclei_app.qc.overlays import overlay_png, overlay_dir_for
+from nuclei_app.qc.rules import clean_tile_record, tile_reasons, load_qc_config, qc_status
+from nuclei_app.core.intensity import nuclear_composite
+from nuclei_app.core.tiling import make_tile_grid
+from nuclei_app.core.weak import weak_labels
+from nuclei_app.core.metrics import iou_matrix
+from nuclei_app.provenance import path_sha256
+from nuclei_app.io.slides import channel_percentiles, open_slide
+from nuclei_app.core.intensity import normalise_intensities
+from nuclei_app.core.channels import select_nuclear_channels
+from nuclei_app.segment.record import read_run_record
+from nuclei_app.segment.pipeline import resolve_channels
+from nuclei_app.core.weak import estimate_nucleus_diameter
+from nuclei_app.schemas import schema_errors
+from nuclei_app.atomic import atomic_directory, atomic_write_json
+from nuclei_app.errors import CannotCreateOutputError
+from nuclei_app.io.tables import read_nuclei_table
+from nuclei_app.core.tiling import qc_tile_edges
+
 
 #: File name ending of a per-slide QC report in a BIDS derivative.
 QC_SUFFIX = "_desc-nuclei_qc.json"
+
+
 SCHEMA_VERSION = "1.0"
-#: Weights of the components of the per-tile QC score (see the ``qc_report`` schema).
-QC_SCORE_WEIGHTS: dict[str, float] = {
-    "teacher_student_f1": 3.0,
-    "seed_recall": 1.0,
-    "foreground_coverage": 1.0,
-    "foreground_precision": 1.0,
-    "score_mean": 1.0,
-    "head_agreement_mean": 1.0,
-    "morphology_regular_share": 1.0,
-}
-#: A tile with no nuclei and less than this share of foreground pixels is empty (not analysed).
-MIN_FOREGROUND_SHARE = 0.002
-#: Teacher objects need at least this share of their pixels on the slide's foreground
-#: (the weak labeler re-thresholds each tile, so on empty tiles it would split noise).
-TEACHER_MIN_FOREGROUND = 0.5
-#: IoU at which a segmented nucleus and a model (re)prediction are the same object.
-MATCH_IOU = 0.5
-#: Head agreement (mean pairwise mask IoU) at which every head found the same nucleus.
-ALL_HEADS_FOUND_IOU = 0.5
-#: Floors of the robust spread (1.4826 MAD) of log-area, solidity and eccentricity, so that
-#: a very uniform slide does not call ordinary nuclei outliers.
-MORPHOLOGY_SPREAD_FLOOR = {"log_area": 0.15, "solidity": 0.04, "eccentricity": 0.08}
-#: Longest side of an overlay PNG (larger tiles are downsampled).
-OVERLAY_MAX_SIDE = 512
 
 
 class InvalidQCReportError(RuntimeError):
     """The QC report does not match its schema: a bug in nuclei-app, never a user error."""
-
-
-# =====================================================================================
-# Metric functions on numpy arrays
-# =====================================================================================
-
-
-def otsu_threshold(values: np.ndarray) -> float:
-    """Otsu's threshold of the finite values; ``inf`` when they are constant (no foreground).
-
-    Parameters
-    ----------
-    values : ndarray of float, any shape
-
-    Returns
-    -------
-    float
-    """
-    from skimage.filters import threshold_otsu
-
-    finite = np.asarray(values, dtype=np.float32)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0 or float(finite.max() - finite.min()) < 1e-6:
-        return math.inf
-    return float(threshold_otsu(finite))
-
-
-def nuclear_foreground(composite: np.ndarray, threshold: float) -> np.ndarray:
-    """Nuclear-stain foreground: the composite, lightly smoothed (sigma 1 px), above ``threshold``.
-
-    Parameters
-    ----------
-    composite : ndarray of float, shape (H, W)
-        Nuclear signal in [0, 1] (`nuclei_app.weak.nuclear_composite`).
-    threshold : float
-        The slide's Otsu threshold (`otsu_threshold` of the slide overview).
-
-    Returns
-    -------
-    ndarray of bool, shape (H, W)
-    """
-    if not np.isfinite(threshold):
-        return np.zeros(np.shape(composite), dtype=bool)
-    return ndi.gaussian_filter(np.asarray(composite, dtype=np.float32), 1.0) > threshold
-
-
-def foreground_coverage(nuclei: np.ndarray, foreground: np.ndarray) -> float | None:
-    """Share of foreground pixels inside some nucleus; None without foreground.
-
-    Parameters
-    ----------
-    nuclei, foreground : ndarray of bool, shape (H, W)
-    """
-    total = int(np.count_nonzero(foreground))
-    return None if total == 0 else int(np.count_nonzero(nuclei & foreground)) / total
-
-
-def foreground_precision(nuclei: np.ndarray, foreground: np.ndarray) -> float | None:
-    """Share of nucleus pixels on the foreground; None without nuclei.
-
-    Parameters
-    ----------
-    nuclei, foreground : ndarray of bool, shape (H, W)
-    """
-    total = int(np.count_nonzero(nuclei))
-    return None if total == 0 else int(np.count_nonzero(nuclei & foreground)) / total
-
-
-def seed_points(labels: np.ndarray) -> np.ndarray:
-    """One point per object: its innermost pixel (farthest from the object's outline).
-
-    Used for the LoG teacher's objects: each grew from one LoG seed, and the innermost
-    pixel always lies inside the object (a centroid may not).
-
-    Parameters
-    ----------
-    labels : ndarray of int, shape (H, W)
-        Instance ids, 0 = background.
-
-    Returns
-    -------
-    ndarray of int64, shape (n, 2)
-        (row, col) per object, in increasing id order.
-    """
-    from skimage.segmentation import find_boundaries
-
-    labels = np.asarray(labels)
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
-    if ids.size == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    interior = (labels != 0) & ~find_boundaries(labels, mode="inner")
-    distance = ndi.distance_transform_edt(interior)
-    points = np.zeros((ids.size, 2), dtype=np.int64)
-    # Objects thinner than two pixels have no interior: any of their pixels will do (the +1).
-    slices = ndi.find_objects(labels.astype(np.int64, copy=False))
-    for row, object_id in enumerate(ids):
-        window = slices[int(object_id) - 1]
-        inside = labels[window] == object_id
-        score = np.where(inside, distance[window] + 1.0, 0.0)
-        flat_index = int(np.argmax(score))
-        y, x = np.unravel_index(flat_index, inside.shape)
-        points[row] = (window[0].start + y, window[1].start + x)
-    return points
-
-
-def seed_recall(seeds: np.ndarray, nuclei: np.ndarray) -> float | None:
-    """Share of seed points (n, 2) that fall inside a nucleus (bool (H, W)); None without seeds."""
-    seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 2)
-    if len(seeds) == 0:
-        return None
-    return float(np.mean(nuclei[seeds[:, 0], seeds[:, 1]]))
-
-
-def robust_reference(values: np.ndarray, floor: float = 0.0) -> tuple[float, float]:
-    """Median and robust spread ``max(1.4826 * MAD, floor)`` of the finite values.
-
-    1.4826 MAD equals the standard deviation for normally distributed values.
-    """
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0:
-        return math.nan, math.nan
-    median = float(np.median(finite))
-    spread = 1.4826 * float(np.median(np.abs(finite - median)))
-    return median, max(spread, floor)
-
-
-def robust_z(values: np.ndarray, median: float, spread: float) -> np.ndarray:
-    """``(values - median) / spread``; 0 where the spread is 0 and the value equals the median."""
-    values = np.asarray(values, dtype=np.float64)
-    if not spread > 0:
-        return np.where(values == median, 0.0, np.sign(values - median) * np.inf)
-    return (values - median) / spread
-
-
-def morphology_outliers(
-    area: np.ndarray, solidity: np.ndarray, eccentricity: np.ndarray, k: float
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Nuclei whose shape is unusual for their own slide.
-
-    Rules (robust z-scores against the slide's median and 1.4826 MAD, with the floors of
-    `MORPHOLOGY_SPREAD_FLOOR`): area outlier when ``|z(log area)| > k``; solidity outlier
-    when ``z(solidity) < -k`` (ragged or merged); eccentricity outlier when
-    ``z(eccentricity) > k`` (elongated slivers).
-
-    Parameters
-    ----------
-    area, solidity, eccentricity : ndarray of float, shape (n,)
-    k : float
-
-    Returns
-    -------
-    flags : dict of ndarray of bool, shape (n,)
-        ``area``, ``solidity``, ``eccentricity`` and ``any``.
-    reference : dict of float
-        Medians and spreads used (``log_area_median``, ``log_area_spread``, ...).
-    """
-    log_area = np.log(np.maximum(np.asarray(area, dtype=np.float64), 1.0))
-    reference: dict[str, float] = {}
-    flags: dict[str, np.ndarray] = {}
-    for name, values, sided in (
-        ("log_area", log_area, "both"),
-        ("solidity", np.asarray(solidity, dtype=np.float64), "low"),
-        ("eccentricity", np.asarray(eccentricity, dtype=np.float64), "high"),
-    ):
-        median, spread = robust_reference(values, MORPHOLOGY_SPREAD_FLOOR[name])
-        reference[f"{name}_median"], reference[f"{name}_spread"] = median, spread
-        z = robust_z(values, median, spread)
-        flag = np.abs(z) > k if sided == "both" else (z < -k if sided == "low" else z > k)
-        flags["area" if name == "log_area" else name] = flag & np.isfinite(values)
-    flags["any"] = flags["area"] | flags["solidity"] | flags["eccentricity"]
-    return flags, reference
-
-
-def object_properties(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-object morphology of a label image (objects must not overlap within it).
-
-    Parameters
-    ----------
-    labels : ndarray of int, shape (H, W)
-
-    Returns
-    -------
-    dict of ndarray, each shape (n,)
-        ``label`` (int64), ``area``, ``solidity``, ``eccentricity``, ``centroid_y``,
-        ``centroid_x``, ``bbox_y0``, ``bbox_x0``, ``bbox_y1``, ``bbox_x1`` (float64, pixel
-        coordinates of ``labels``; the box end is exclusive).
-    """
-    from skimage.measure import regionprops_table
-
-    names = ("label", "area", "solidity", "eccentricity", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0",
-             "bbox_y1", "bbox_x1")
-    labels = np.asarray(labels)
-    if not labels.any():
-        return {name: np.zeros(0, dtype=np.int64 if name == "label" else np.float64) for name in names}
-    with warnings.catch_warnings():  # one-pixel-wide objects: scikit-image warns about the hull
-        warnings.simplefilter("ignore")
-        table = regionprops_table(
-            labels.astype(np.int64, copy=False), properties=("label", "area", "solidity", "eccentricity", "centroid", "bbox")
-        )
-    return {
-        "label": np.asarray(table["label"], dtype=np.int64),
-        "area": np.asarray(table["area"], dtype=np.float64),
-        "solidity": np.asarray(table["solidity"], dtype=np.float64),
-        "eccentricity": np.asarray(table["eccentricity"], dtype=np.float64),
-        "centroid_y": np.asarray(table["centroid-0"], dtype=np.float64),
-        "centroid_x": np.asarray(table["centroid-1"], dtype=np.float64),
-        "bbox_y0": np.asarray(table["bbox-0"], dtype=np.float64),
-        "bbox_x0": np.asarray(table["bbox-1"], dtype=np.float64),
-        "bbox_y1": np.asarray(table["bbox-2"], dtype=np.float64),
-        "bbox_x1": np.asarray(table["bbox-3"], dtype=np.float64),
-    }
-
-
-def overlapping_ids(layers: Sequence[np.ndarray]) -> np.ndarray:
-    """Ids of objects that share pixels with an object of another layer.
-
-    Parameters
-    ----------
-    layers : sequence of ndarray of int, each shape (H, W)
-        Overlap layers: each holds non-overlapping full masks; ids are unique across layers.
-
-    Returns
-    -------
-    ndarray of int64, sorted unique ids
-    """
-    found = []
-    for a in range(len(layers)):
-        for b in range(a + 1, len(layers)):
-            both = (layers[a] != 0) & (layers[b] != 0)
-            if both.any():
-                found.extend([layers[a][both], layers[b][both]])
-    return np.unique(np.concatenate(found)).astype(np.int64) if found else np.zeros(0, dtype=np.int64)
-
-
-def straight_cut_ids(labels: np.ndarray, axis: int, position: int, min_run: int) -> np.ndarray:
-    """Objects whose outline runs straight along a grid line for at least ``min_run`` pixels.
-
-    The line lies between index ``position - 1`` and ``position`` along ``axis`` (0: a
-    horizontal line between two rows; 1: a vertical line between two columns). An object
-    is cut there when ``min_run`` consecutive pixels of it on one side face pixels that are
-    not it on the other side: a nucleus cut by a tile edge. Round nuclei touch a line with
-    a run of about ``sqrt(diameter)`` pixels only.
-
-    Parameters
-    ----------
-    labels : ndarray of int, shape (H, W)
-    axis : {0, 1}
-    position : int, 1 <= position < labels.shape[axis]
-    min_run : int
-
-    Returns
-    -------
-    ndarray of int64, sorted unique ids
-    """
-    labels = np.asarray(labels)
-    if axis == 0:
-        before, after = labels[position - 1, :], labels[position, :]
-    else:
-        before, after = labels[:, position - 1], labels[:, position]
-    found = []
-    for side, other in ((before, after), (after, before)):
-        edge = np.where((side != 0) & (side != other), side, 0)
-        if not edge.any():
-            continue
-        change = np.flatnonzero(np.diff(edge) != 0) + 1
-        starts = np.concatenate([[0], change])
-        lengths = np.diff(np.concatenate([starts, [edge.size]]))
-        values = edge[starts]
-        found.append(values[(values != 0) & (lengths >= min_run)])
-    return np.unique(np.concatenate(found)).astype(np.int64) if found else np.zeros(0, dtype=np.int64)
-
-
-def teacher_agreement(labels: np.ndarray, teacher: np.ndarray) -> dict[str, Any]:
-    """F1 at IoU 0.5 (and counts) of a segmentation against the weak teacher's labels.
-
-    Returns the dict of `nuclei_app.evaluate.score_instances` with the teacher as reference.
-    """
-    from nuclei_app.evaluate import score_instances
-
-    return score_instances(labels, teacher)
-
-
-def tile_qc_score(components: dict[str, float | None], weights: dict[str, float] = QC_SCORE_WEIGHTS) -> float | None:
-    """Weighted mean of the available quality components (each in [0, 1], higher is better).
-
-    ``qc_score = sum(w_i * c_i) / sum(w_i)`` over the components ``c_i`` that are not None
-    (see `QC_SCORE_WEIGHTS`); None when none is available.
-    """
-    total = weight_sum = 0.0
-    for name, weight in weights.items():
-        value = components.get(name)
-        if value is None or not np.isfinite(value):
-            continue
-        total += weight * float(np.clip(value, 0.0, 1.0))
-        weight_sum += weight
-    return total / weight_sum if weight_sum > 0 else None
-
-
-#: (slide metric, threshold prefix in QCThresholds, better direction, reason code)
-STATUS_RULES: tuple[tuple[str, str, str, str], ...] = (
-    ("signal_autocorrelation", "signal_autocorrelation", "higher", "no_nuclear_signal"),
-    ("foreground_coverage", "foreground_coverage", "higher", "low_foreground_coverage"),
-    ("foreground_precision", "foreground_precision", "higher", "low_foreground_precision"),
-    ("seed_recall", "seed_recall", "higher", "low_seed_recall"),
-    ("teacher_student_f1", "teacher_student_f1", "higher", "low_teacher_agreement"),
-    ("score_mean", "score_mean", "higher", "low_detection_scores"),
-    ("head_agreement_mean", "head_agreement", "higher", "low_head_agreement"),
-    ("morphology_outlier_share", "morphology_outlier_share", "lower", "morphology_outliers"),
-    ("seam_excess", "seam_excess", "lower", "seam_artifacts"),
-    ("flagged_tile_share", "flagged_tile_share", "lower", "many_flagged_tiles"),
-)
-
-
-def qc_status(metrics: dict[str, Any], thresholds: QCThresholds = QCThresholds()) -> tuple[str, list[dict[str, Any]]]:
-    """``pass | warn | fail`` of a slide and the machine-readable reasons.
-
-    Parameters
-    ----------
-    metrics : dict
-        Slide metrics (the report's ``slide`` object).
-    thresholds : QCThresholds
-
-    Returns
-    -------
-    status : str
-    reasons : list of dict
-        ``{"code", "severity", "metric", "value", "threshold", "comparison", "message"}``,
-        failures first. ``no_nuclei`` fails a slide with nuclear foreground but no nucleus.
-    """
-    reasons: list[dict[str, Any]] = []
-    if metrics.get("n_nuclei", 0) == 0 and (metrics.get("foreground_share") or 0) > 0:
-        reasons.append({
-            "code": "no_nuclei", "severity": "fail", "metric": "n_nuclei", "value": 0, "threshold": 1,
-            "comparison": "<", "message": "the image has nuclear foreground but the segmentation holds no nucleus",
-        })
-    for metric, prefix, better, code in STATUS_RULES:
-        value = metrics.get(metric)
-        if value is None:
-            continue
-        for severity in ("fail", "warn"):
-            threshold = float(getattr(thresholds, f"{prefix}_{severity}"))
-            bad = value < threshold if better == "higher" else value > threshold
-            if bad:
-                comparison = "<" if better == "higher" else ">"
-                reasons.append({
-                    "code": code, "severity": severity, "metric": metric, "value": _number(value),
-                    "threshold": threshold, "comparison": comparison,
-                    "message": f"{metric} {value:.3f} {comparison} {severity} threshold {threshold:g}",
-                })
-                break
-    reasons.sort(key=lambda reason: reason["severity"] != "fail")
-    severities = {reason["severity"] for reason in reasons}
-    status = "fail" if "fail" in severities else "warn" if "warn" in severities else "pass"
-    return status, reasons
-
-
-# =====================================================================================
-# Inputs: QC config, label stores, per-nucleus table
-# =====================================================================================
-
-
-def load_qc_config(path: str | Path | None) -> QCThresholds:
-    """Read a QC config file (JSON or TOML) into `QCThresholds`; None gives the defaults.
-
-    The file holds an object (a TOML document) with any fields of `QCThresholds`, either at
-    the top level or under a ``qc`` key/table. It is validated against the ``qc_config``
-    schema.
-
-    Raises
-    ------
-    MissingInputError (66)
-        The file does not exist.
-    UsageError (64)
-        Unreadable JSON/TOML, an unknown key, a wrong type or an out-of-range threshold:
-        the config is an option the user gave, so it is a usage error.
-    """
-    if path is None:
-        return QCThresholds()
-    from nuclei_app.schemas import schema_errors
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError("QC config file not found; give an existing .json or .toml file", path)
-    text = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data: Any = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"cannot parse the QC config ({first_line}); fix the JSON/TOML syntax", path) from None
-    if isinstance(data, dict) and set(data) == {"qc"} and isinstance(data["qc"], dict):
-        data = data["qc"]
-    problems = schema_errors(data, "qc_config")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UsageError(f"invalid QC config: {problems[0]}{more}; see `nuclei-app schemas` (qc_config)", path)
-    try:
-        return QCThresholds(**data)
-    except UsageError as error:
-        raise UsageError(f"{error.message}; fix the QC config", path) from None
-
-
-@dataclass
-class LabelSource:
-    """Label image(s) of a slide, read region by region.
-
-    Attributes
-    ----------
-    path : Path
-        The TIFF or OME-Zarr that was opened.
-    shape : (int, int)
-        (Y, X) of the label image.
-    flat : array-like
-        The flattened view (every instance, one id per pixel); sliceable ``[y0:y1, x0:x1]``.
-    layers : list of array-like
-        Overlap layers (``labels/nuclei_layer-<k>``), empty when the input has none.
-    store : Path or None
-        The OME-Zarr store the labels belong to (holds the completion record).
-    """
-
-    path: Path
-    shape: tuple[int, int]
-    flat: Any
-    layers: list[Any] = field(default_factory=list)
-    store: Path | None = None
-    integer_dtype: bool = True
-
-    def read(self, array: Any, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
-        """Region ``[y0:y1, x0:x1]`` of ``array`` (the flat view or a layer) as uint32."""
-        block = np.asarray(array[y0:y1, x0:x1])
-        if not self.integer_dtype:
-            if not np.all(np.isfinite(block)) or np.any(block != np.round(block)) or np.any(block < 0):
-                raise BadDataError(
-                    "label image holds non-integer values; give an instance label image (integer ids, 0 = background)",
-                    self.path,
-                )
-        return block.astype(np.uint32, copy=False)
-
-
-class _Plane:
-    """The (y, x) plane of an NGFF label array whose other axes are singletons."""
-
-    def __init__(self, array: Any, axes: list[str], path: Path) -> None:
-        self.array = array
-        self.prefix: tuple[int, ...] = ()
-        if axes[-2:] != ["y", "x"]:
-            raise BadDataError(f"label axes {axes} do not end with y, x; give a 2-D label image", path)
-        for name, size in zip(axes[:-2], array.shape[:-2]):
-            if size != 1:
-                raise BadDataError(f"label image has {size} planes along axis {name!r}; give a 2-D label image", path)
-        self.prefix = (0,) * (array.ndim - 2)
-        self.shape = tuple(int(v) for v in array.shape[-2:])
-        self.dtype = np.dtype(array.dtype)
-
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        return np.asarray(self.array[self.prefix + tuple(key)])
-
-
-def _ngff_attributes(group: Any) -> dict[str, Any]:
-    attributes = dict(group.attrs)
-    return dict(attributes.get("ome", attributes))
-
-
-def _label_plane(group: Any, path: Path) -> _Plane:
-    multiscales = _ngff_attributes(group).get("multiscales")
-    if not multiscales:
-        raise BadDataError("label group has no 'multiscales' metadata; point at an NGFF label image", path)
-    array = group[multiscales[0]["datasets"][0]["path"]]
-    axes = multiscales[0].get("axes") or list("tczyx")[-array.ndim :]
-    names = [axis["name"] if isinstance(axis, dict) else str(axis) for axis in axes]
-    return _Plane(array, names, path)
-
-
-def open_label_source(path: str | Path) -> LabelSource:
-    """Open a label TIFF or an OME-Zarr segmentation (flattened view + overlap layers).
-
-    OME-Zarr: the store (``OUT.ome.zarr``) or its ``labels/`` or ``labels/nuclei`` group;
-    ``labels/nuclei`` (or the first listed label) is the flattened view and
-    ``labels/<name>_layer-<k>`` are its overlap layers. TIFF: read whole with
-    `nuclei_app.labels.read_labels` (no layers).
-
-    Raises
-    ------
-    MissingInputError
-        The path does not exist.
-    BadDataError
-        Not a label image, not 2-D, or not integer-valued.
-    """
-    from nuclei_app.labels import _is_zarr, read_labels
-
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError("does not exist; give an existing label TIFF or OME-Zarr", path)
-    if not _is_zarr(path):
-        flat = read_labels(path)
-        return LabelSource(path, tuple(flat.shape), flat)
-    import zarr
-
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception as error:  # zarr raises several types for a missing or damaged store
-        raise BadDataError(f"cannot open as a zarr group ({error}); give an OME-Zarr", path) from None
-    store = path
-    attributes = _ngff_attributes(group)
-    if "image-label" in attributes:  # a label image itself: no sibling layers known
-        plane = _label_plane(group, path)
-        labels_group, flat_name = None, None
-        store = path.parent.parent
-    else:
-        child = None
-        if "labels" not in attributes:
-            try:  # a direct lookup: listing members would trip over non-zarr files (run record)
-                child = group["labels"]
-            except KeyError:
-                child = None
-        if child is not None:
-            group = child
-            attributes = _ngff_attributes(group)
-        else:
-            store = path.parent
-        names = attributes.get("labels")
-        if not isinstance(names, list) or not names:
-            raise BadDataError(
-                "this OME-Zarr holds no label image (no labels/ group); point at OUT.ome.zarr or its labels/NAME",
-                path,
-            )
-        flat_name = "nuclei" if "nuclei" in names else names[0]
-        labels_group = group
-        plane = _label_plane(group[flat_name], path / flat_name)
-    layers = []
-    if labels_group is not None:
-        pattern = re.compile(rf"^{re.escape(flat_name)}_layer-(\d+)$")
-        numbered = sorted(
-            (int(match.group(1)), name)
-            for name in _ngff_attributes(labels_group).get("labels", [])
-            if (match := pattern.match(name))
-        )
-        layers = [_label_plane(labels_group[name], path / name) for _, name in numbered]
-    for layer in layers:
-        if layer.shape != plane.shape:
-            raise BadDataError(f"overlap layer shape {layer.shape} differs from labels {plane.shape}", path)
-    integer = plane.dtype.kind in "iub"
-    if plane.dtype.kind not in "iubf":
-        raise BadDataError(f"label image has dtype {plane.dtype}; give integer ids (0 = background)", path)
-    return LabelSource(path, plane.shape, plane, layers, store if _is_zarr(store) else None, integer)
-
-
-def find_objects_table(labels_path: str | Path, run_record: dict | None = None) -> Path | None:
-    """The per-nucleus TSV written with a segmentation, when present.
-
-    Looked up in the completion record (``parameters.table``), then beside the labels by
-    BIDS naming: ``<entities>_<suffix>.ome.zarr`` -> ``<entities>_objects.tsv``, then
-    ``<stem>_objects.tsv`` and ``<stem>.tsv``.
-    """
-    if run_record:
-        recorded = (run_record.get("parameters") or {}).get("table")
-        if recorded and Path(recorded).is_file():
-            return Path(recorded)
-    labels_path = Path(labels_path)
-    name = labels_path.name
-    for extension in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(extension):
-            name = name[: -len(extension)]
-            break
-    candidates = []
-    if "_" in name:
-        candidates.append(f"{name.rsplit('_', 1)[0]}_objects.tsv")
-    candidates += [f"{name}_objects.tsv", f"{name}.tsv"]
-    for candidate in candidates:
-        path = labels_path.parent / candidate
-        if path.is_file():
-            return path
-    return None
 
 
 @dataclass
@@ -670,7 +88,6 @@ class _ObjectLookup:
 
     @classmethod
     def from_table(cls, path: Path) -> "_ObjectLookup":
-        from nuclei_app.table import read_nuclei_table
 
         try:
             columns = read_nuclei_table(path)
@@ -693,45 +110,8 @@ class _ObjectLookup:
         return result
 
 
-# =====================================================================================
-# The slide
-# =====================================================================================
-
-
-def _number(value: Any, digits: int = 6) -> Any:
-    """JSON-ready number: rounded float, int kept, NaN/inf/None -> None."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    value = float(value)
-    return round(value, digits) if math.isfinite(value) else None
-
-
-def _mean_or_none(values: np.ndarray) -> float | None:
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else None
-
-
-def _score_summary(scores: np.ndarray) -> dict[str, float | None]:
-    scores = np.asarray(scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
-    if scores.size == 0:
-        return {"score_mean": None, "score_p10": None, "score_p50": None, "score_share_below_0_5": None}
-    return {
-        "score_mean": float(scores.mean()),
-        "score_p10": float(np.percentile(scores, 10)),
-        "score_p50": float(np.percentile(scores, 50)),
-        "score_share_below_0_5": float(np.mean(scores < 0.5)),
-    }
-
-
 def _overview(slide: Any, channels: list[int], percentiles: np.ndarray) -> tuple[np.ndarray, int]:
     """Composite of the smallest pyramid level with >= 1 MP (bounded to ~16 MP by sampling windows)."""
-    from nuclei_app.weak import nuclear_composite
 
     level = 0
     for candidate in range(slide.n_levels - 1, -1, -1):
@@ -784,7 +164,6 @@ def _seam_lines(
         parameters = (run_record or {}).get("parameters") or {}
         if not isinstance(parameters.get("tile"), int) or not isinstance(parameters.get("overlap"), int):
             return None, None, None
-        from nuclei_app.segment import make_tile_grid
 
         grid = make_tile_grid((height, width), parameters["tile"], parameters["overlap"])
         rows, cols, stride = list(grid.row_edges[1:-1]), list(grid.col_edges[1:-1]), grid.stride
@@ -805,39 +184,6 @@ def _seam_lines(
 def _lines_in(lines: list[int], start: int, stop: int) -> list[int]:
     """Line positions p with start < p < stop (both neighbouring pixels inside the region)."""
     return [p - start for p in lines if start < p < stop]
-
-
-def qc_tile_edges(size: int, tile: int) -> list[int]:
-    """Tile boundaries along one axis: multiples of ``tile``, the last tile widened instead of
-    leaving a sliver narrower than a quarter tile (its metrics would be noise).
-
-    Returns
-    -------
-    list of int
-        ``[0, tile, 2 * tile, ..., size]``.
-    """
-    edges = list(range(0, max(int(size), 1), int(tile))) + [int(size)]
-    if len(edges) > 2 and edges[-1] - edges[-2] < tile / 4:
-        del edges[-2]
-    return edges
-
-
-def _overlay_png(composite: np.ndarray, labels: np.ndarray) -> bytes:
-    """RGB PNG of the nuclear composite (grey) with nucleus outlines (yellow)."""
-    import imagecodecs
-    from skimage.segmentation import find_boundaries
-
-    outlines = find_boundaries(labels, mode="inner")
-    factor = max(1, math.ceil(max(composite.shape) / OVERLAY_MAX_SIDE))
-    if factor > 1:
-        from skimage.transform import downscale_local_mean
-
-        composite = downscale_local_mean(composite, (factor, factor))
-        outlines = downscale_local_mean(outlines.astype(np.float32), (factor, factor)) > 0.15
-    grey = (np.clip(composite, 0.0, 1.0) * 255).astype(np.uint8)
-    rgb = np.repeat(grey[:, :, None], 3, axis=2)
-    rgb[outlines] = (255, 214, 0)
-    return bytes(imagecodecs.png_encode(np.ascontiguousarray(rgb)))
 
 
 @dataclass
@@ -861,13 +207,6 @@ class QCResult:
     @property
     def status(self) -> str:
         return self.report["status"]
-
-
-def overlay_dir_for(report_path: str | Path) -> Path:
-    """Folder of a report's overlay PNGs: the report path without ``.json``."""
-    report_path = Path(report_path)
-    name = report_path.name[:-5] if report_path.name.lower().endswith(".json") else report_path.name + "_overlays"
-    return report_path.with_name(name)
 
 
 def teacher_labels(
@@ -899,7 +238,6 @@ def teacher_labels(
     -------
     ndarray of uint32, shape (H, W)
     """
-    from nuclei_app.weak import weak_labels
 
     teacher = weak_labels(raw, "log", pixel_size_um=pixel_size_um, diameter=diameter, percentiles=percentiles).labels
     if not teacher.any():
@@ -930,7 +268,6 @@ def rescore_with_model(labels: np.ndarray, ids: np.ndarray, predicted: Any) -> t
     -------
     scores, agreements : ndarray of float64, shape (n,)
     """
-    from nuclei_app.evaluate import iou_matrix
 
     scores = np.zeros(len(ids))
     agreements = np.full(len(ids), np.nan)
@@ -1016,10 +353,7 @@ def compute_qc(
     MissingInputError, BadDataError, UsageError
         Missing inputs, labels of another shape than the image, non-integer labels.
     """
-    from nuclei_app.provenance import path_sha256
-    from nuclei_app.read import channel_percentiles, normalise_intensities, open_slide, select_nuclear_channels
-    from nuclei_app.segment import read_run_record, resolve_channels, resolve_device
-    from nuclei_app.weak import estimate_nucleus_diameter, nuclear_composite
+    from nuclei_app.model.device import resolve_device
 
     thresholds = thresholds or QCThresholds()
     started = time.monotonic()
@@ -1045,7 +379,7 @@ def compute_qc(
         predictor = None
         model_card = None
         if model_dir is not None:
-            from nuclei_app.model import load_predictor
+            from nuclei_app.model.predictor import load_predictor
 
             predictor = load_predictor(model_dir, device=resolve_device(device), pixel_size_um=slide.pixel_size_um,
                                        score_threshold=score_threshold)
@@ -1228,9 +562,9 @@ def compute_qc(
     for t, record in enumerate(tiles):
         select = tile_of == t
         count = int(n_per_tile[t])
-        record.update(_score_summary(merged_objects["score"][select]))
+        record.update(score_summary(merged_objects["score"][select]))
         agreement_values = merged_objects["agreement"][select]
-        record["head_agreement_mean"] = _mean_or_none(agreement_values)
+        record["head_agreement_mean"] = mean_or_none(agreement_values)
         finite = agreement_values[np.isfinite(agreement_values)]
         record["head_all_found_share"] = float(np.mean(finite >= ALL_HEADS_FOUND_IOU)) if finite.size else None
         judged_here = select & interior
@@ -1256,7 +590,7 @@ def compute_qc(
         }
         record["qc_score"] = tile_qc_score(components)
         record["flagged"] = record["qc_score"] is not None and record["qc_score"] < thresholds.flag_tile_score_below
-        record["flag_reasons"] = _tile_reasons(record, thresholds) if record["flagged"] else []
+        record["flag_reasons"] = tile_reasons(record, thresholds) if record["flagged"] else []
 
     qc_scores = np.asarray([t["qc_score"] for t in tiles if t["qc_score"] is not None], dtype=np.float64)
     n_flagged = sum(1 for t in tiles if t["flagged"])
@@ -1281,7 +615,7 @@ def compute_qc(
         "foreground_precision": pooled["nuclei_on_fg"] / pooled["nuclei_px"] if pooled["nuclei_px"] else None,
         "n_seeds": pooled["seeds"],
         "seed_recall": pooled["seeds_in"] / pooled["seeds"] if pooled["seeds"] else None,
-        **_score_summary(merged_objects["score"]),
+        **score_summary(merged_objects["score"]),
         "head_agreement_mean": float(agreement_finite.mean()) if agreement_finite.size else None,
         "head_all_found_share": float(np.mean(agreement_finite >= ALL_HEADS_FOUND_IOU)) if agreement_finite.size else None,
         "teacher_nuclei": pooled["teacher"],
@@ -1310,7 +644,7 @@ def compute_qc(
         "n_flagged_tiles": n_flagged,
         "flagged_tile_share": n_flagged / len(tiles) if tiles else None,
     }
-    slide_metrics = {key: _number(value) for key, value in slide_metrics.items()}
+    slide_metrics = {key: format_number(value) for key, value in slide_metrics.items()}
     status, reasons = qc_status(slide_metrics, thresholds)
     timings["metrics_seconds"] = time.monotonic() - clock + metric_s
 
@@ -1321,14 +655,13 @@ def compute_qc(
     overlays: dict[str, bytes] = {}
     flagged_entries = []
     if flagged and thresholds.max_overlays:
-        from nuclei_app.read import open_slide as _open
 
-        with _open(image_path) as slide:
+        with open_slide(image_path) as slide:
             for tile_record in flagged[: thresholds.max_overlays]:
                 y0, x0, h, w = tile_record["y0"], tile_record["x0"], tile_record["height"], tile_record["width"]
                 composite = nuclear_composite(slide.read_region(y0, x0, h, w, channels=channels), percentiles)
                 labels = source.read(source.flat, y0, x0, y0 + h, x0 + w)
-                overlays[f"tile-{y0}-{x0}.png"] = _overlay_png(composite, labels)
+                overlays[f"tile-{y0}-{x0}.png"] = overlay_png(composite, labels)
     for rank, tile_record in enumerate(flagged, start=1):
         name = f"tile-{tile_record['y0']}-{tile_record['x0']}.png"
         flagged_entries.append({
@@ -1380,15 +713,15 @@ def compute_qc(
             "numpy": np.__version__,
             "scikit-image": __import__("skimage").__version__,
         },
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created_at": utc_timestamp(),
         "parameters": {
             "thresholds": thresholds.to_dict(),
             "qc_score_weights": dict(QC_SCORE_WEIGHTS),
             "nuclear_channels": [slide.channel_names[i] for i in channels],
-            "percentiles": [[_number(v) for v in row] for row in np.asarray(percentiles, dtype=float)],
-            "foreground_threshold": _number(threshold),
-            "stained_threshold": _number(precision_threshold),
-            "nucleus_diameter_px": _number(diameter),
+            "percentiles": [[format_number(v) for v in row] for row in np.asarray(percentiles, dtype=float)],
+            "foreground_threshold": format_number(threshold),
+            "stained_threshold": format_number(precision_threshold),
+            "nucleus_diameter_px": format_number(diameter),
             "halo_px": halo,
             "teacher": "log",
             "scores_from": "model" if predictor is not None else ("table" if lookup is not None else None),
@@ -1397,7 +730,7 @@ def compute_qc(
             "seam_min_run_px": min_run,
             "morphology_reference": (
                 None if morphology["reference"] is None
-                else {key: _number(value) for key, value in morphology["reference"].items()}
+                else {key: format_number(value) for key, value in morphology["reference"].items()}
             ),
         },
     }
@@ -1413,50 +746,16 @@ def compute_qc(
             "tile_size_px": thresholds.tile_size_px,
         },
         "slide": slide_metrics,
-        "tiles": [_clean_tile(t) for t in tiles],
-        "flagged_tiles": [_clean_tile(entry) for entry in flagged_entries],
+        "tiles": [clean_tile_record(t) for t in tiles],
+        "flagged_tiles": [clean_tile_record(entry) for entry in flagged_entries],
         "provenance": provenance,
         "timings": {key: round(value, 3) for key, value in timings.items()},
     }
     return report, overlays
 
 
-def _clean_tile(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready copy of a tile record: numbers rounded, NaN -> None, lists and strings kept."""
-    return {key: (value if isinstance(value, (list, str)) else _number(value)) for key, value in record.items()}
-
-
-#: Tile-level components named in a flagged tile's reasons, with their slide thresholds.
-_TILE_RULES = (
-    ("foreground_coverage", "foreground_coverage", "higher", "low_foreground_coverage"),
-    ("foreground_precision", "foreground_precision", "higher", "low_foreground_precision"),
-    ("seed_recall", "seed_recall", "higher", "low_seed_recall"),
-    ("teacher_student_f1", "teacher_student_f1", "higher", "low_teacher_agreement"),
-    ("score_mean", "score_mean", "higher", "low_detection_scores"),
-    ("head_agreement_mean", "head_agreement", "higher", "low_head_agreement"),
-    ("morphology_outlier_share", "morphology_outlier_share", "lower", "morphology_outliers"),
-    ("signal_autocorrelation", "signal_autocorrelation", "higher", "no_nuclear_signal"),
-)
-
-
-def _tile_reasons(record: dict[str, Any], thresholds: QCThresholds) -> list[str]:
-    """Codes of the tile metrics worse than their warn thresholds (why the tile is flagged)."""
-    codes = []
-    for metric, prefix, better, code in _TILE_RULES:
-        value = record.get(metric)
-        if value is None:
-            continue
-        limit = getattr(thresholds, f"{prefix}_warn")
-        if (value < limit) if better == "higher" else (value > limit):
-            codes.append(code)
-    if record.get("n_nuclei") == 0:
-        codes.insert(0, "no_nuclei")
-    return codes
-
-
 def validate_qc_report(report: dict[str, Any]) -> None:
     """Raise `InvalidQCReportError` listing every way ``report`` breaks the ``qc_report`` schema."""
-    from nuclei_app.schemas import schema_errors
 
     problems = schema_errors(report, "qc_report")
     if problems:
@@ -1513,8 +812,6 @@ def write_qc_report(
     InvalidQCReportError
         The report breaks its schema (a bug: nothing is written).
     """
-    from nuclei_app.atomic import atomic_directory, atomic_write_json
-    from nuclei_app.errors import CannotCreateOutputError
 
     output_path = Path(output_path)
     if output_path.is_dir():
@@ -1540,37 +837,3 @@ def write_qc_report(
         shutil.rmtree(overlay_dir, ignore_errors=True)
     atomic_write_json(output_path, report)
     return QCResult(report, output_path, written_dir)
-
-
-__all__ = [
-    "QC_SUFFIX",
-    "QC_SCORE_WEIGHTS",
-    "InvalidQCReportError",
-    "QCResult",
-    "compute_qc",
-    "find_objects_table",
-    "foreground_coverage",
-    "foreground_precision",
-    "load_qc_config",
-    "qc_tile_edges",
-    "rescore_with_model",
-    "teacher_labels",
-    "morphology_outliers",
-    "nuclear_foreground",
-    "object_properties",
-    "open_label_source",
-    "otsu_threshold",
-    "overlapping_ids",
-    "overlay_dir_for",
-    "qc_status",
-    "robust_reference",
-    "robust_z",
-    "seed_points",
-    "seed_recall",
-    "signal_autocorrelation",
-    "straight_cut_ids",
-    "teacher_agreement",
-    "tile_qc_score",
-    "validate_qc_report",
-    "write_qc_report",
-]

@@ -10,14 +10,11 @@ holds a few hundred nuclei of a few hundred pixels each, and dense (N, H, W) mas
 would cost ~1000x the memory and time of the crops. `masks` builds the dense form
 on demand for callers that want it.
 """
-
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 import numpy as np
 from scipy import ndimage as ndi
-
 from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
 
 
@@ -257,3 +254,4 @@ def trim_to_local_contrast(instances: Instances, composite: np.ndarray, diameter
         boxes.append((wy0, wx0, wy1, wx1))
         crops.append(trimmed)
     return Instances.from_crops(instances.shape, np.asarray(boxes), crops, instances.scores, instances.head_agreement)
+

@@ -5,22 +5,24 @@ reads and writes single label images, as produced by `weak` and scored by `evalu
 the full pyramidal, multi-layer slide output lives in the writer of the segmentation
 stage.
 """
-
 from __future__ import annotations
 
 import io
 from pathlib import Path
 from typing import Any, Sequence
-
 import numpy as np
 from scipy import ndimage
-
 from nuclei_app.atomic import atomic_directory, atomic_write_bytes
 from nuclei_app.errors import BadDataError, MissingInputError
-from nuclei_app.evaluate import as_label_image
+from nuclei_app.core.metrics import as_label_image
+
 
 TIFF_EXTENSIONS = (".tif", ".tiff", ".btf")
+
+
 LABEL_NAME = "nuclei"
+
+
 _UINT32_MAX = np.iinfo(np.uint32).max
 
 
@@ -31,7 +33,7 @@ def _to_uint32(labels: np.ndarray, source: str | Path | None = None) -> np.ndarr
     return array.astype(np.uint32)
 
 
-def _is_zarr(path: Path) -> bool:
+def is_zarr_path(path: Path) -> bool:
     return path.is_dir() and (
         path.name.lower().endswith(".zarr")
         or any((path / marker).exists() for marker in (".zattrs", ".zgroup", "zarr.json"))
@@ -151,7 +153,7 @@ def read_labels(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise MissingInputError("does not exist; give an existing label TIFF or OME-Zarr", path)
-    if _is_zarr(path):
+    if is_zarr_path(path):
         return _read_zarr_labels(path)
     if path.is_file() and path.name.lower().endswith(TIFF_EXTENSIONS):
         return _read_tiff_labels(path)
@@ -317,3 +319,4 @@ def write_labels_ome_zarr(
             label_metadata={"source": {"image": "../../"}},
         )
     return path
+

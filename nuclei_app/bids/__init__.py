@@ -1,0 +1,1 @@
+"""BIDS microscopy input: discovery of slides and their metadata, and validation."""

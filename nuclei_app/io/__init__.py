@@ -1,0 +1,1 @@
+"""Everything that reads or writes image, label and table formats: slides, NGFF metadata, label stores, tables."""

@@ -1,0 +1,62 @@
+"""Weights and model card: the only place that loads or saves a model."""
+from __future__ import annotations
+
+import torch
+from nuclei_app.model.mask_rcnn import MultiHeadMaskRCNN, build_model
+from nuclei_app.config import get_preset
+from nuclei_app.errors import BadDataError, MissingInputError
+from nuclei_app.schemas import validate_instance
+
+
+# ----------------------------------------------------------------------------- saved models and inference
+
+WEIGHTS_FILE = "weights.pt"
+
+
+#: Score cut-off of models whose card predates per-model thresholds (`model_score_threshold`).
+DEFAULT_SCORE_THRESHOLD = 0.5
+
+
+MODEL_CARD_FILE = "model_card.json"
+
+
+TRAINING_REPORT_FILE = "training_report.json"
+
+
+def load_model(model_dir, device: str = "cpu") -> tuple[MultiHeadMaskRCNN, dict]:
+    """Load a trained student and its card; weights go through ``torch.load(weights_only=True)``."""
+    import json
+    from pathlib import Path
+
+
+    model_dir = Path(model_dir)
+    card_path = model_dir / MODEL_CARD_FILE
+    if not card_path.is_file() or not (model_dir / WEIGHTS_FILE).is_file():
+        raise MissingInputError(
+            f"not a model folder (needs {MODEL_CARD_FILE} and {WEIGHTS_FILE}); train one with `nuclei-app train`",
+            model_dir,
+        )
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as error:
+        raise BadDataError(f"unreadable model card ({error}); retrain the model", card_path) from None
+    validate_instance(card, "model_card", card_path)
+    architecture = card["architecture"]
+    model = build_model(
+        architecture["in_channels"], get_preset(architecture["preset"]), heads=architecture["heads"],
+        use_eca=architecture["eca"],
+    )
+    try:
+        state = torch.load(model_dir / WEIGHTS_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as error:  # corrupt or foreign weights: the user must retrain, not debug
+        raise BadDataError(
+            f"cannot load weights ({type(error).__name__}); retrain the model", model_dir / WEIGHTS_FILE
+        ) from None
+    return model.to(device).eval(), card
+
+
+def model_score_threshold(card: dict) -> float:
+    """The score cut-off a model card records (chosen at training), or 0.5 for older cards."""
+    return float(card.get("inference", {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD))
+

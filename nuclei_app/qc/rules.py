@@ -1,0 +1,151 @@
+"""QC status rules: thresholds to pass | warn | fail, with reasons."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from nuclei_app.config import QCThresholds
+from nuclei_app.errors import MissingInputError, UsageError
+from nuclei_app.qc.metrics import format_number
+from nuclei_app.schemas import schema_errors
+
+
+#: (slide metric, threshold prefix in QCThresholds, better direction, reason code)
+STATUS_RULES: tuple[tuple[str, str, str, str], ...] = (
+    ("signal_autocorrelation", "signal_autocorrelation", "higher", "no_nuclear_signal"),
+    ("foreground_coverage", "foreground_coverage", "higher", "low_foreground_coverage"),
+    ("foreground_precision", "foreground_precision", "higher", "low_foreground_precision"),
+    ("seed_recall", "seed_recall", "higher", "low_seed_recall"),
+    ("teacher_student_f1", "teacher_student_f1", "higher", "low_teacher_agreement"),
+    ("score_mean", "score_mean", "higher", "low_detection_scores"),
+    ("head_agreement_mean", "head_agreement", "higher", "low_head_agreement"),
+    ("morphology_outlier_share", "morphology_outlier_share", "lower", "morphology_outliers"),
+    ("seam_excess", "seam_excess", "lower", "seam_artifacts"),
+    ("flagged_tile_share", "flagged_tile_share", "lower", "many_flagged_tiles"),
+)
+
+
+def qc_status(metrics: dict[str, Any], thresholds: QCThresholds = QCThresholds()) -> tuple[str, list[dict[str, Any]]]:
+    """``pass | warn | fail`` of a slide and the machine-readable reasons.
+
+    Parameters
+    ----------
+    metrics : dict
+        Slide metrics (the report's ``slide`` object).
+    thresholds : QCThresholds
+
+    Returns
+    -------
+    status : str
+    reasons : list of dict
+        ``{"code", "severity", "metric", "value", "threshold", "comparison", "message"}``,
+        failures first. ``no_nuclei`` fails a slide with nuclear foreground but no nucleus.
+    """
+    reasons: list[dict[str, Any]] = []
+    if metrics.get("n_nuclei", 0) == 0 and (metrics.get("foreground_share") or 0) > 0:
+        reasons.append({
+            "code": "no_nuclei", "severity": "fail", "metric": "n_nuclei", "value": 0, "threshold": 1,
+            "comparison": "<", "message": "the image has nuclear foreground but the segmentation holds no nucleus",
+        })
+    for metric, prefix, better, code in STATUS_RULES:
+        value = metrics.get(metric)
+        if value is None:
+            continue
+        for severity in ("fail", "warn"):
+            threshold = float(getattr(thresholds, f"{prefix}_{severity}"))
+            bad = value < threshold if better == "higher" else value > threshold
+            if bad:
+                comparison = "<" if better == "higher" else ">"
+                reasons.append({
+                    "code": code, "severity": severity, "metric": metric, "value": format_number(value),
+                    "threshold": threshold, "comparison": comparison,
+                    "message": f"{metric} {value:.3f} {comparison} {severity} threshold {threshold:g}",
+                })
+                break
+    reasons.sort(key=lambda reason: reason["severity"] != "fail")
+    severities = {reason["severity"] for reason in reasons}
+    status = "fail" if "fail" in severities else "warn" if "warn" in severities else "pass"
+    return status, reasons
+
+
+# =====================================================================================
+# Inputs: QC config, label stores, per-nucleus table
+# =====================================================================================
+
+
+def load_qc_config(path: str | Path | None) -> QCThresholds:
+    """Read a QC config file (JSON or TOML) into `QCThresholds`; None gives the defaults.
+
+    The file holds an object (a TOML document) with any fields of `QCThresholds`, either at
+    the top level or under a ``qc`` key/table. It is validated against the ``qc_config``
+    schema.
+
+    Raises
+    ------
+    MissingInputError (66)
+        The file does not exist.
+    UsageError (64)
+        Unreadable JSON/TOML, an unknown key, a wrong type or an out-of-range threshold:
+        the config is an option the user gave, so it is a usage error.
+    """
+    if path is None:
+        return QCThresholds()
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError("QC config file not found; give an existing .json or .toml file", path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data: Any = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"cannot parse the QC config ({first_line}); fix the JSON/TOML syntax", path) from None
+    if isinstance(data, dict) and set(data) == {"qc"} and isinstance(data["qc"], dict):
+        data = data["qc"]
+    problems = schema_errors(data, "qc_config")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UsageError(f"invalid QC config: {problems[0]}{more}; see `nuclei-app schemas` (qc_config)", path)
+    try:
+        return QCThresholds(**data)
+    except UsageError as error:
+        raise UsageError(f"{error.message}; fix the QC config", path) from None
+
+
+def clean_tile_record(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON-ready copy of a tile record: numbers rounded, NaN -> None, lists and strings kept."""
+    return {key: (value if isinstance(value, (list, str)) else format_number(value)) for key, value in record.items()}
+
+
+#: Tile-level components named in a flagged tile's reasons, with their slide thresholds.
+_TILE_RULES = (
+    ("foreground_coverage", "foreground_coverage", "higher", "low_foreground_coverage"),
+    ("foreground_precision", "foreground_precision", "higher", "low_foreground_precision"),
+    ("seed_recall", "seed_recall", "higher", "low_seed_recall"),
+    ("teacher_student_f1", "teacher_student_f1", "higher", "low_teacher_agreement"),
+    ("score_mean", "score_mean", "higher", "low_detection_scores"),
+    ("head_agreement_mean", "head_agreement", "higher", "low_head_agreement"),
+    ("morphology_outlier_share", "morphology_outlier_share", "lower", "morphology_outliers"),
+    ("signal_autocorrelation", "signal_autocorrelation", "higher", "no_nuclear_signal"),
+)
+
+
+def tile_reasons(record: dict[str, Any], thresholds: QCThresholds) -> list[str]:
+    """Codes of the tile metrics worse than their warn thresholds (why the tile is flagged)."""
+    codes = []
+    for metric, prefix, better, code in _TILE_RULES:
+        value = record.get(metric)
+        if value is None:
+            continue
+        limit = getattr(thresholds, f"{prefix}_warn")
+        if (value < limit) if better == "higher" else (value > limit):
+            codes.append(code)
+    if record.get("n_nuclei") == 0:
+        codes.insert(0, "no_nuclei")
+    return codes
+

@@ -1,0 +1,1 @@
+"""Whole-slide segmentation: predictors, tile jobs, executors, the run record, the pipeline."""

@@ -1,0 +1,140 @@
+"""Which predictor segments a slide (model or weak teacher), and at what scale."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+import numpy as np
+from nuclei_app.errors import (
+    UsageError,
+)
+from nuclei_app.core.instances import Instances
+from nuclei_app.core.intensity import normalise_intensities
+from nuclei_app.core.stitching import Box
+from nuclei_app.model.device import resolve_device
+from nuclei_app.core.weak import estimate_nucleus_diameter
+from nuclei_app.core.intensity import nuclear_composite
+from nuclei_app.core.weak import weak_labels
+
+
+# ======================================================================================
+# Predictors: one picklable description, one cached instance per process
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """What segments the tiles, in a form that can be sent to another process.
+
+    Attributes
+    ----------
+    kind : "model" or "weak"
+        ``"model"``: a trained student (`nuclei_app.model.load_predictor`);
+        ``"weak"``: the classical weak labeler (`nuclei_app.weak.weak_labels`), no model needed.
+    model_dir : str, optional
+        Model folder (``kind="model"``).
+    method : str
+        Weak labeler method (``kind="weak"``): ``"log"`` or ``"otsu"``.
+    device : str
+        ``"cpu"``, ``"cuda"`` or ``"auto"`` (model only).
+    diameter : float, optional
+        Nucleus diameter in pixels (weak labeler; a model when the pixel size cannot give its
+        scale); `segment_slide` estimates it once
+        per slide when absent, so every tile uses the same scale.
+    score_threshold : float, optional
+        Consensus-score cut-off (model only); default: the one the model card records.
+    """
+
+    kind: str
+    model_dir: str | None = None
+    method: str = "log"
+    device: str = "cpu"
+    diameter: float | None = None
+    score_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("model", "weak"):
+            raise UsageError(f"predictor kind must be 'model' or 'weak', got {self.kind!r}")
+        if self.kind == "model" and not self.model_dir:
+            raise UsageError("a model predictor needs a model folder (--model MODEL_DIR)")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise UsageError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
+            raise UsageError(f"--score-threshold must be between 0 and 1, got {self.score_threshold}")
+
+
+class WeakPredictor:
+    """The weak labeler behind the predictor interface (``predict_batch`` of normalised tiles).
+
+    Tiles arrive already normalised by whole-slide percentiles, so the labeler is told
+    that 0 and 1 are the low and high percentiles (it must not re-normalise per tile,
+    which would make tiles disagree).
+    """
+
+    channel_names: list[str] | None = None  # works on any nuclear channels
+
+    def __init__(self, method: str, pixel_size_um: tuple[float, float] | None, diameter: float | None = None) -> None:
+        self.method = method
+        self.pixel_size_um = pixel_size_um
+        self.diameter = diameter
+
+    def predict_batch(self, tiles: list[np.ndarray]) -> list[Instances]:
+        """Label each (C, H, W) float32 tile -> list of `Instances` over the tile."""
+        import warnings
+
+
+        results = []
+        for tile in tiles:
+            identity = np.tile(np.asarray([[0.0, 1.0]], dtype=np.float32), (tile.shape[0], 1))
+            with warnings.catch_warnings():  # an empty tile is normal on a slide; no warning per tile
+                warnings.simplefilter("ignore", RuntimeWarning)
+                labels = weak_labels(
+                    tile, method=self.method, pixel_size_um=self.pixel_size_um, diameter=self.diameter,
+                    percentiles=identity,
+                )
+            results.append(labels.to_instances())
+        return results
+
+
+# A model's scale from the pixel size is overruled when the slide's nuclei measure more than
+# this factor away from it (a wrong nominal pixel size would otherwise resize nuclei badly).
+SCALE_MISMATCH = 1.6
+
+
+def estimate_slide_diameter(
+    slide: Any, channels: Sequence[int], percentiles: np.ndarray, windows: Sequence[Box], max_windows: int = 3
+) -> float | None:
+    """Median nucleus diameter (pixels) estimated on a few tissue windows spread over the slide.
+
+    The weak labeler would otherwise estimate it per tile, and tiles would disagree.
+    """
+
+    if not windows:
+        return None
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(windows) - 1, min(max_windows, len(windows)))})
+    estimates = []
+    for index in picks:
+        y0, x0, y1, x1 = windows[index]
+        tile = normalise_intensities(slide.read_region(y0, x0, y1 - y0, x1 - x0, channels=channels), percentiles)
+        identity = np.tile(np.asarray([[0.0, 1.0]], dtype=np.float32), (tile.shape[0], 1))
+        estimates.append(estimate_nucleus_diameter(nuclear_composite(tile, identity), slide.pixel_size_um))
+    return round(float(np.median(estimates)), 2)
+
+
+_PREDICTORS: dict[tuple, Any] = {}
+
+
+def get_predictor(spec: PredictorSpec, pixel_size_um: tuple[float, float] | None) -> Any:
+    """The predictor ``spec`` describes, loaded once per process (workers reuse it across tasks)."""
+    key = (spec, None if pixel_size_um is None else tuple(float(v) for v in pixel_size_um))
+    if key not in _PREDICTORS:
+        if spec.kind == "weak":
+            _PREDICTORS[key] = WeakPredictor(spec.method, key[1], spec.diameter)
+        else:
+            from nuclei_app.model.predictor import load_predictor
+
+            _PREDICTORS[key] = load_predictor(
+                spec.model_dir, device=resolve_device(spec.device), pixel_size_um=key[1], diameter_px=spec.diameter,
+                score_threshold=spec.score_threshold,
+            )
+    return _PREDICTORS[key]
+

@@ -1,0 +1,1 @@
+"""Weak-to-strong self-training: training data, pseudo-labels, the loop, the score cut-off."""
