@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from nuclei_app.errors import BadDataError, MissingInputError, UsageError
+from nuclei_app.io.ngff import is_zarr_store
 from nuclei_app.core.metrics import IOU_THRESHOLDS, Tally, check_same_shape, scores_from_tally, tally_matches, as_label_image, mean_scores
 from nuclei_app.io.labels import read_labels
 from nuclei_app import __version__
@@ -96,7 +97,7 @@ def _is_label_source(path: Path) -> bool:
     if path.is_file():
         return True
     if path.is_dir():
-        return path.name.lower().endswith(".zarr") or (path / ".zattrs").exists() or (path / "zarr.json").exists()
+        return path.name.lower().endswith(".zarr") or is_zarr_store(path)
     return False
 
 

@@ -6,7 +6,8 @@ from typing import Sequence
 import numpy as np
 from nuclei_app.core.weak import METHODS, WeakLabels, weak_labels
 from nuclei_app.errors import UsageError
-from nuclei_app.io.labels import write_label_tiff, write_labels_ome_zarr
+from nuclei_app.io.labels import write_label_tiff
+from nuclei_app.io.ome_zarr import write_labels_ome_zarr
 from nuclei_app.io.slides import channel_percentiles, open_slide
 from nuclei_app.core.channels import select_nuclear_channels
 

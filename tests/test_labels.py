@@ -10,7 +10,9 @@ import tifffile
 import zarr
 
 from nuclei_app.errors import BadDataError, MissingInputError
-from nuclei_app.io.labels import read_labels, write_label_tiff, write_labels_ome_zarr
+from nuclei_app.io.labels import read_labels, write_label_tiff
+from nuclei_app.io.ngff import NGFF_VERSION
+from nuclei_app.io.ome_zarr import write_labels_ome_zarr
 
 
 def sample_labels(shape=(300, 520)) -> np.ndarray:
@@ -85,19 +87,21 @@ def test_ome_zarr_roundtrip_readable_by_ome_zarr_reader(tmp_path):
     assert len(label_nodes) == 1
     np.testing.assert_array_equal(np.asarray(label_nodes[0].data[0]), labels)
     assert label_nodes[0].metadata.get("name") == "nuclei"
-    root = json.loads((path / "zarr.json").read_text())["attributes"]["ome"]
+    # The weak labeler's store is written by the same writer as whole-slide segmentations: NGFF 0.4 (Zarr v2).
+    root = json.loads((path / ".zattrs").read_text())
+    assert root["multiscales"][0]["version"] == NGFF_VERSION == "0.4"
     assert [c["label"] for c in root["omero"]["channels"]] == ["DAPI", "Histone"]
     assert root["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.5, 0.5]
-    label_meta = json.loads((path / "labels" / "nuclei" / "zarr.json").read_text())["attributes"]["ome"]
+    label_meta = json.loads((path / "labels" / "nuclei" / ".zattrs").read_text())
     assert "image-label" in label_meta
-    assert zarr.open_array(str(path / "labels" / "nuclei" / "s0"), mode="r").dtype == np.uint32
+    assert zarr.open_array(str(path / "labels" / "nuclei" / "0"), mode="r").dtype == np.uint32
     assert not list(tmp_path.glob("*.partial-*"))
 
 
 def test_ome_zarr_without_image_stores_foreground(tmp_path):
     path = write_labels_ome_zarr(tmp_path / "bare.ome.zarr", sample_labels((64, 64)))
     np.testing.assert_array_equal(read_labels(path), sample_labels((64, 64)))
-    image = zarr.open_array(str(path / "s0"), mode="r")[:]
+    image = zarr.open_array(str(path / "0"), mode="r")[:]
     np.testing.assert_array_equal(image[0] > 0, sample_labels((64, 64)) > 0)
 
 

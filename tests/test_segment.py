@@ -28,7 +28,7 @@ from nuclei_app.core.tiling import make_tile_grid
 from nuclei_app.segment.pipeline import segment_slide
 from nuclei_app.core.tissue import tissue_mask_from_image
 from nuclei_app.io.tables import read_nuclei_table
-from nuclei_app.io.ome_zarr import FLAT_LABEL_NAME
+from nuclei_app.io.ngff import FLAT_LABEL_NAME
 from nuclei_app.io.ome_tiff import write_ome_tiff
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import zarr
 from skimage.draw import ellipse
 
 from nuclei_app.core.instances import Instances
-from nuclei_app.io.ome_zarr import FLAT_LABEL_NAME, SegmentationZarrWriter, downsample_nearest2, layer_label_name, write_segmentation_zarr
+from nuclei_app.io.ngff import FLAT_LABEL_NAME, layer_label_name
+from nuclei_app.io.ome_zarr import SegmentationZarrWriter, downsample_nearest2, write_segmentation_zarr
 
 SHAPE = (300, 380)
 

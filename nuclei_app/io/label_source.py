@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 import numpy as np
 from nuclei_app.errors import BadDataError, MissingInputError
-from nuclei_app.io.labels import is_zarr_path, read_labels
+from nuclei_app.io.labels import read_labels
+from nuclei_app.io.ngff import is_zarr_store, label_array_level0, ome_attributes
 
 
 @dataclass
@@ -66,19 +67,9 @@ class _Plane:
         return np.asarray(self.array[self.prefix + tuple(key)])
 
 
-def _ngff_attributes(group: Any) -> dict[str, Any]:
-    attributes = dict(group.attrs)
-    return dict(attributes.get("ome", attributes))
-
-
 def _label_plane(group: Any, path: Path) -> _Plane:
-    multiscales = _ngff_attributes(group).get("multiscales")
-    if not multiscales:
-        raise BadDataError("label group has no 'multiscales' metadata; point at an NGFF label image", path)
-    array = group[multiscales[0]["datasets"][0]["path"]]
-    axes = multiscales[0].get("axes") or list("tczyx")[-array.ndim :]
-    names = [axis["name"] if isinstance(axis, dict) else str(axis) for axis in axes]
-    return _Plane(array, names, path)
+    array, axes = label_array_level0(group, path)
+    return _Plane(array, list(axes), path)
 
 
 def open_label_source(path: str | Path) -> LabelSource:
@@ -100,7 +91,7 @@ def open_label_source(path: str | Path) -> LabelSource:
     path = Path(path)
     if not path.exists():
         raise MissingInputError("does not exist; give an existing label TIFF or OME-Zarr", path)
-    if not is_zarr_path(path):
+    if not is_zarr_store(path):
         flat = read_labels(path)
         return LabelSource(path, tuple(flat.shape), flat)
     import zarr
@@ -110,7 +101,7 @@ def open_label_source(path: str | Path) -> LabelSource:
     except Exception as error:  # zarr raises several types for a missing or damaged store
         raise BadDataError(f"cannot open as a zarr group ({error}); give an OME-Zarr", path) from None
     store = path
-    attributes = _ngff_attributes(group)
+    attributes = ome_attributes(group)
     if "image-label" in attributes:  # a label image itself: no sibling layers known
         plane = _label_plane(group, path)
         labels_group, flat_name = None, None
@@ -124,7 +115,7 @@ def open_label_source(path: str | Path) -> LabelSource:
                 child = None
         if child is not None:
             group = child
-            attributes = _ngff_attributes(group)
+            attributes = ome_attributes(group)
         else:
             store = path.parent
         names = attributes.get("labels")
@@ -141,7 +132,7 @@ def open_label_source(path: str | Path) -> LabelSource:
         pattern = re.compile(rf"^{re.escape(flat_name)}_layer-(\d+)$")
         numbered = sorted(
             (int(match.group(1)), name)
-            for name in _ngff_attributes(labels_group).get("labels", [])
+            for name in ome_attributes(labels_group).get("labels", [])
             if (match := pattern.match(name))
         )
         layers = [_label_plane(labels_group[name], path / name) for _, name in numbered]
@@ -151,7 +142,7 @@ def open_label_source(path: str | Path) -> LabelSource:
     integer = plane.dtype.kind in "iub"
     if plane.dtype.kind not in "iubf":
         raise BadDataError(f"label image has dtype {plane.dtype}; give integer ids (0 = background)", path)
-    return LabelSource(path, plane.shape, plane, layers, store if is_zarr_path(store) else None, integer)
+    return LabelSource(path, plane.shape, plane, layers, store if is_zarr_store(store) else None, integer)
 
 
 def find_objects_table(labels_path: str | Path, run_record: dict | None = None) -> Path | None:

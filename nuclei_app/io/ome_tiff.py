@@ -53,7 +53,6 @@ TileFunction = Callable[[int, int, int, int, int], np.ndarray]
 _CLASSIC_TIFF_LIMIT = 2**31
 
 
-CHANNEL_COLOURS = ("0000FF", "00FF00", "FF0000", "FF00FF", "00FFFF", "FFFF00", "FFFFFF", "FF8000")
 
 
 def pyramid_level_count(shape_yx: Sequence[int], tile: Sequence[int]) -> int:

@@ -24,30 +24,32 @@ from nuclei_app.errors import UsageError
 # is bounded by a few chunks, never by the slide.
 
 from typing import TYPE_CHECKING  # noqa: E402  (kept beside the writers that need it)
-from nuclei_app.io.ome_tiff import CHANNEL_COLOURS, downsample_mean2, pyramid_level_count
+from nuclei_app.io.ome_tiff import downsample_mean2, pyramid_level_count
 from nuclei_app.core.stitching import instance_layers
+from nuclei_app.errors import BadDataError
+from nuclei_app.io.ngff import FLAT_LABEL_NAME
+from nuclei_app.io.ngff import NGFF_VERSION
+from nuclei_app.io.ngff import ZARR_FORMATS
+from nuclei_app.io.labels import as_uint32_labels
+from nuclei_app.io.ngff import layer_label_name
+from nuclei_app.io.ngff import ngff_format
+from nuclei_app.io.ngff import omero_metadata
 if TYPE_CHECKING:
     from nuclei_app.core.instances import Instances
 
 
-def _omero_metadata(image: np.ndarray, channel_names: Sequence[str]) -> dict:
-    """`omero` rendering metadata: label, colour and a display window per channel."""
+def _data_omero(image: np.ndarray, channel_names: Sequence[str]) -> dict:
+    """`omero` metadata from the data: value range and a 1-99.8 percentile window per channel."""
     step = max(1, int(math.sqrt(image.shape[1] * image.shape[2] / 1_000_000)))
     sample = np.asarray(image[:, ::step, ::step], dtype=np.float64)
-    channels = []
-    for index, name in enumerate(channel_names):
+    ranges, windows = [], []
+    for index in range(len(channel_names)):
         values = sample[index][np.isfinite(sample[index])]
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
         start, end = (np.percentile(values, [1.0, 99.8]).tolist() if values.size else (low, high))
-        channels.append(
-            {
-                "label": str(name),
-                "color": CHANNEL_COLOURS[index % len(CHANNEL_COLOURS)],
-                "active": True,
-                "window": {"min": low, "max": high, "start": float(start), "end": float(end)},
-            }
-        )
-    return {"channels": channels}
+        ranges.append((low, high))
+        windows.append((start, end))
+    return omero_metadata(channel_names, ranges, windows)
 
 
 def write_ome_zarr_image(
@@ -57,7 +59,7 @@ def write_ome_zarr_image(
     pixel_size_um: tuple[float, float] | None = None,
     chunks: tuple[int, int, int] = (1, 256, 256),
     n_levels: int | None = None,
-    ngff_version: str = "0.4",
+    ngff_version: str = NGFF_VERSION,
 ) -> Path:
     """Write a (C, Y, X) image as an OME-NGFF multiscale image, atomically.
 
@@ -85,7 +87,6 @@ def write_ome_zarr_image(
         The written folder.
     """
     import zarr
-    from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.scale import Methods
     from ome_zarr.writer import write_image
 
@@ -97,10 +98,7 @@ def write_ome_zarr_image(
         raise UsageError(f"image must be (C, Y, X) with no empty axis, got shape {array.shape}", path)
     if len(channel_names) != array.shape[0]:
         raise UsageError(f"{len(channel_names)} channel names for {array.shape[0]} channels", path)
-    formats = {"0.4": (FormatV04, 2), "0.5": (FormatV05, 3)}
-    if ngff_version not in formats:
-        raise UsageError(f"NGFF version {ngff_version!r} is not supported; use 0.4 or 0.5", path)
-    format_class, zarr_format = formats[ngff_version]
+    fmt, zarr_format = ngff_format(ngff_version)
     levels = pyramid_level_count(array.shape[1:], chunks[1:]) if n_levels is None else max(1, int(n_levels))
     scale = {"c": 1.0, "y": 1.0, "x": 1.0}
     axes_units = None
@@ -115,26 +113,15 @@ def write_ome_zarr_image(
             group,
             scale_factors=[2**k for k in range(1, levels)],
             method=Methods.LOCAL_MEAN,
-            fmt=format_class(),
+            fmt=fmt,
             axes=["c", "y", "x"],
             axes_units=axes_units,
             scale=scale,
             storage_options={"chunks": chunk_shape},
             name=path.name.split(".")[0],
-            omero=_omero_metadata(array, channel_names),
+            omero=_data_omero(array, channel_names),
         )
     return path
-
-
-SEGMENTATION_NGFF_VERSION = "0.4"
-
-
-FLAT_LABEL_NAME = "nuclei"
-
-
-def layer_label_name(layer: int) -> str:
-    """Name of overlap layer ``layer`` under ``labels/``: ``nuclei_layer-<k>``."""
-    return f"{FLAT_LABEL_NAME}_layer-{int(layer)}"
 
 
 def downsample_nearest2(labels: np.ndarray) -> np.ndarray:
@@ -197,7 +184,7 @@ class SegmentationZarrWriter:
         self.chunk = int(chunk)
         self.n_levels = pyramid_level_count(self.shape_yx, (self.chunk, self.chunk)) if n_levels is None else int(n_levels)
         self.n_levels = max(1, self.n_levels)
-        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
+        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=ZARR_FORMATS[NGFF_VERSION])
         self.image = self._create(self.root, "0", (len(self.channel_names), *self.shape_yx), np.dtype(image_dtype))
         self.labels_group = self.root.require_group("labels")
         self.label_arrays: dict[str, object] = {}
@@ -287,30 +274,19 @@ class SegmentationZarrWriter:
         """
         import warnings
 
-        from ome_zarr.format import FormatV04
-
         with warnings.catch_warnings():  # ome-zarr-py instantiates its own deprecated Scaler at import
             warnings.simplefilter("ignore", DeprecationWarning)
             from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
-        fmt = FormatV04()
+        fmt, _ = ngff_format(NGFF_VERSION)
         self._build_pyramid(self.root, self.image, is_label=False)
         if np.issubdtype(self.image.dtype, np.integer):
             info = np.iinfo(self.image.dtype)
             full_range = (float(info.min), float(info.max))
         else:
             full_range = (0.0, 1.0)
-        channels = []
-        for index, name in enumerate(self.channel_names):
-            start, end = display_windows[index] if display_windows is not None else full_range
-            channels.append(
-                {
-                    "label": name,
-                    "color": CHANNEL_COLOURS[index % len(CHANNEL_COLOURS)],
-                    "active": True,
-                    "window": {"min": full_range[0], "max": full_range[1], "start": float(start), "end": float(end)},
-                }
-            )
+        windows = display_windows if display_windows is not None else [full_range] * len(self.channel_names)
+        omero = omero_metadata(self.channel_names, [full_range] * len(self.channel_names), windows)
         write_multiscales_metadata(
             self.root,
             datasets=self._datasets(1),
@@ -318,7 +294,7 @@ class SegmentationZarrWriter:
             axes=["c", "y", "x"],
             axes_units=self._axes_units(),
             name=self.path.name.split(".")[0],
-            metadata={"omero": {"channels": channels}},
+            metadata={"omero": omero},
         )
         for name in self.label_arrays:  # in creation order: the flattened view first
             group = self.labels_group[name]
@@ -394,3 +370,67 @@ def write_segmentation_zarr(
         writer.finish()
     return path
 
+
+def write_labels_ome_zarr(
+    path: str | Path,
+    labels: np.ndarray,
+    image: np.ndarray | None = None,
+    channel_names: Sequence[str] | None = None,
+    pixel_size_um: tuple[float, float] | None = None,
+) -> Path:
+    """Write an OME-Zarr image (NGFF `NGFF_VERSION`) with the label image ``labels/nuclei``, atomically.
+
+    Written by the same streaming writer as whole-slide segmentations, so the two agree.
+
+    The store is written under a temporary name and renamed when complete.
+
+    Parameters
+    ----------
+    path : path
+        Output folder, e.g. ``OUT.ome.zarr``.
+    labels : ndarray of int, shape (H, W)
+        Instance ids, 0 = background; stored as ``uint32``, pyramid by nearest neighbour.
+    image : ndarray, shape (C, H, W) or (H, W), optional
+        The image the labels belong to (e.g. the nuclear channels or their composite).
+        When absent, the image is the nuclei foreground (``uint8``, 255 inside nuclei),
+        so that the store remains a valid NGFF image with labels.
+    channel_names : sequence of str, optional
+        One name per channel of ``image`` (stored as ``omero`` channel labels).
+    pixel_size_um : (float, float), optional
+        (y, x) pixel size in micrometres, stored as the scale of level 0.
+
+    Returns
+    -------
+    Path
+        The written store.
+    """
+    path = Path(path)
+    label_array = as_uint32_labels(labels, path)
+    if image is None:
+        image_array = ((label_array > 0) * np.uint8(255))[None]
+        channel_names = ["nuclei_foreground"]
+    else:
+        image_array = np.asarray(image)
+        if image_array.ndim == 2:
+            image_array = image_array[None]
+        if image_array.ndim != 3 or image_array.shape[1:] != label_array.shape:
+            raise BadDataError(
+                f"image shape {image_array.shape} does not match labels {label_array.shape}; "
+                "give the (C, H, W) image the labels were made from",
+                path,
+            )
+    if channel_names is None:
+        channel_names = [f"channel_{index}" for index in range(image_array.shape[0])]
+    channel_names = [str(name) for name in channel_names]
+    if len(channel_names) != image_array.shape[0]:
+        raise BadDataError(f"{len(channel_names)} channel names for {image_array.shape[0]} channels", path)
+    low = float(np.min(image_array)) if image_array.size else 0.0
+    high = float(np.max(image_array)) if image_array.size else 1.0
+    with atomic_directory(path) as temporary:
+        writer = SegmentationZarrWriter(temporary, label_array.shape, image_array.dtype, channel_names, pixel_size_um,
+                                        chunk=256)
+        writer.add_labels([FLAT_LABEL_NAME])
+        writer.write_image_region(0, 0, image_array)
+        writer.write_label_region(FLAT_LABEL_NAME, 0, 0, label_array)
+        writer.finish(display_windows=[(low, high)] * len(channel_names))
+    return path

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from nuclei_app.errors import BadDataError, MissingInputError, NucleiAppError, UsageError
-from nuclei_app.io.ngff import bioformats2raw_series, ngff_axes, ngff_level0_scale, omero_names
+from nuclei_app.io.ngff import is_zarr_store, bioformats2raw_series, ngff_axes, ngff_level0_scale, omero_names
 from nuclei_app.core.intensity import normalise_intensities
 from nuclei_app.core.tissue import tissue_level
 
@@ -306,7 +306,7 @@ def open_slide(path: str | Path, series: int = 0, *, z: int = 0, t: int = 0) -> 
     if not path.exists():
         raise MissingInputError("no such file or folder; check the path", path)
     if path.is_dir():
-        if _is_zarr_dir(path):
+        if is_zarr_store(path):
             slide = _open_zarr(path, series, z, t)
         else:
             raise BadDataError(
@@ -348,10 +348,6 @@ def _check_slide(slide: Slide) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
-
-
-def _is_zarr_dir(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zattrs", ".zarray"))
 
 
 @contextmanager

@@ -53,7 +53,8 @@ from nuclei_app.io.slides import channel_percentiles, open_slide
 from nuclei_app.atomic import atomic_write_bytes
 from nuclei_app.atomic import atomic_directory
 from nuclei_app.io.tables import GeoJSONWriter, NucleiTableWriter
-from nuclei_app.io.ome_zarr import FLAT_LABEL_NAME, SegmentationZarrWriter, layer_label_name
+from nuclei_app.io.ngff import FLAT_LABEL_NAME, layer_label_name
+from nuclei_app.io.ome_zarr import SegmentationZarrWriter
 
 
 log = get_logger("nuclei_app.segment")
