@@ -45,6 +45,10 @@ from nuclei_app.atomic import atomic_write_text
 from nuclei_app.errors import CannotCreateOutputError
 from nuclei_app.io.ome_tiff import write_ome_tiff
 from nuclei_app.io.ome_zarr import write_ome_zarr_image
+from nuclei_app.io.slides import read_image
+from nuclei_app.io.labels import read_labels
+from nuclei_app.io.labels import write_label_layers_tiff
+from nuclei_app.io.labels import write_label_tiff
 
 __all__ = ["SampleDataset", "SampleSlide", "SyntheticSlide", "make_sample_dataset", "synthesize_slide",
            "overlap_layers", "SYNTHETIC_CHANNELS"]
@@ -385,13 +389,6 @@ def _write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _write_labels(path: Path, labels: np.ndarray) -> None:
-    import tifffile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, np.asarray(labels, dtype=np.uint32), compression="zlib", photometric="minisblack")
-
-
 def _write_bids_text(bids_dir: Path, seed: int) -> None:
     _write_json(
         bids_dir / "dataset_description.json",
@@ -445,15 +442,12 @@ def _write_bids_text(bids_dir: Path, seed: int) -> None:
 
 
 def _write_real_slide(bids_dir: Path, slide: SampleSlide) -> None:
-    import tifffile
-
-
     assets = resources.files("nuclei_app") / "sample_assets"
     with resources.as_file(assets / f"{_REAL_ASSET}_img.tif") as image_path:
-        image = tifffile.imread(image_path)
+        image = read_image(image_path)
     with resources.as_file(assets / f"{_REAL_ASSET}_masks.tif") as mask_path:
-        masks = tifffile.imread(mask_path).astype(np.uint32)
-    write_ome_tiff(slide.path, image[np.newaxis], slide.channel_names, slide.pixel_size_um, tile=(256, 256))
+        masks = read_labels(mask_path)
+    write_ome_tiff(slide.path, image[:1], slide.channel_names, slide.pixel_size_um, tile=(256, 256))
     _write_json(
         slide.path.with_name(slide.path.name.split(".")[0] + ".json"),
         {
@@ -466,8 +460,8 @@ def _write_real_slide(bids_dir: Path, slide: SampleSlide) -> None:
             "Manufacturer": "unknown",
         },
     )
-    _write_labels(slide.labels, masks)
-    _write_labels(slide.layers, masks[np.newaxis])  # no overlaps: one layer
+    write_label_tiff(slide.labels, masks)
+    write_label_layers_tiff(slide.layers, masks[np.newaxis])  # no overlaps: one layer
 
 
 def make_sample_dataset(root: str | Path, seed: int = 0) -> SampleDataset:
@@ -510,8 +504,8 @@ def make_sample_dataset(root: str | Path, seed: int = 0) -> SampleDataset:
                 slide.path.with_name(slide.path.name.split(".")[0] + ".json"),
                 {"SampleStaining": list(SYNTHETIC_CHANNELS), "SliceThickness": 10},
             )
-            _write_labels(slide.labels, synthetic.labels)
-            _write_labels(slide.layers, synthetic.layers)
+            write_label_tiff(slide.labels, synthetic.labels)
+            write_label_layers_tiff(slide.layers, synthetic.layers)
         _write_real_slide(staged.bids_dir, staged.slides[-1])
         for name in ("bids", "ground_truth"):
             if (root / name).exists():

@@ -128,8 +128,14 @@ def test_loaded_model_predicts_nuclei_with_scores_and_head_agreement(trained, cr
     instances = predictor.predict_batch([tile])[0]
     assert instances.shape == tile.shape[1:]
     assert ((instances.head_agreement >= 0) & (instances.head_agreement <= 1)).all()
-    # A blank tile (glass between tissue): no anchor passes the objectness threshold.
-    (blank,) = predictor.predict_batch([np.zeros_like(tile)])
+
+
+def test_a_trained_model_finds_nothing_on_a_blank_tile(trained_model_dir, crop_image):
+    """A blank tile (glass between tissue): no anchor passes the objectness threshold. Checked on
+    the session's 150-step model: after the 12 steps of `trained`, what a blank tile gives depends
+    on the random initialisation (0 to 150 detections over seeds 3-5), not on what was learnt."""
+    tile = tifffile.imread(crop_image).astype(np.float32)[None] / 255.0
+    (blank,) = load_predictor(trained_model_dir).predict_batch([np.zeros_like(tile)])
     assert len(blank) == 0 and blank.shape == tile.shape[1:]
 
 

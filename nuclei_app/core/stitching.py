@@ -149,6 +149,33 @@ def _core_contains(value: np.ndarray, low: int, high: int) -> np.ndarray:
     return (pixel >= low) & (pixel < high)
 
 
+def _slide_centroids(instances: Instances, y0: int, x0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mask centroids in slide pixels (float64, shape (N,) each); 0 for empty masks."""
+    centroid_y = np.zeros(len(instances))
+    centroid_x = np.zeros(len(instances))
+    for index, crop in enumerate(instances.crops):
+        if crop.any():
+            ys, xs = np.nonzero(crop)
+            centroid_y[index] = ys.mean() + instances.boxes[index, 0] + y0
+            centroid_x[index] = xs.mean() + instances.boxes[index, 1] + x0
+    return centroid_y, centroid_x
+
+
+def _internal_edge_facts(local_box: Box, centroid: tuple[float, float], window: Box,
+                         image_shape: tuple[int, int]) -> tuple[bool, float]:
+    """Whether a mask touches an internal edge of its tile window (it may be cut there), and its
+    centroid's distance to the nearest internal edge (`FAR_FROM_EDGE` when the window has none)."""
+    ly0, lx0, ly1, lx1 = local_box
+    wy0, wx0, wy1, wx1 = window
+    height, width = image_shape
+    top, bottom, left, right = wy0 > 0, wy1 < height, wx0 > 0, wx1 < width
+    truncated = (top and ly0 == 0) or (bottom and ly1 == wy1 - wy0) or (left and lx0 == 0) or (right and lx1 == wx1 - wx0)
+    cy, cx = centroid
+    distances = [d for inside, d in ((top, cy - wy0), (bottom, wy1 - 1 - cy), (left, cx - wx0), (right, wx1 - 1 - cx))
+                 if inside]
+    return bool(truncated), (min(distances) if distances else FAR_FROM_EDGE)
+
+
 def tile_candidates(
     instances: Instances,
     window: Box,
@@ -189,14 +216,7 @@ def tile_candidates(
 
     boxes = instances.boxes
     areas = instances.areas()
-    centroid_y = np.zeros(len(instances))
-    centroid_x = np.zeros(len(instances))
-    for index, crop in enumerate(instances.crops):
-        if areas[index]:
-            ys, xs = np.nonzero(crop)
-            centroid_y[index] = ys.mean() + boxes[index, 0] + wy0
-            centroid_x[index] = xs.mean() + boxes[index, 1] + wx0
-    window_height, window_width = instances.shape
+    centroid_y, centroid_x = _slide_centroids(instances, wy0, wx0)
 
     # Internal borders get the margin; at the slide border the core already reaches the edge.
     grow_top = margin if cy0 > 0 else 0
@@ -215,12 +235,6 @@ def tile_candidates(
     order = np.lexsort((np.arange(len(chosen)), -instances.scores[chosen], centroid_x[chosen], centroid_y[chosen]))
     chosen = chosen[order]
 
-    internal = {
-        "top": wy0 > 0,
-        "bottom": wy1 < height,
-        "left": wx0 > 0,
-        "right": wx1 < width,
-    }
     bboxes, crops, truncated, edge_distance = [], [], [], []
     solidity, eccentricity, means = [], [], []
     for index in chosen:
@@ -228,22 +242,10 @@ def tile_candidates(
         crop = instances.crops[index]
         bboxes.append((wy0 + ly0, wx0 + lx0, wy0 + ly1, wx0 + lx1))
         crops.append(crop)
-        truncated.append(
-            (internal["top"] and ly0 == 0)
-            or (internal["bottom"] and ly1 == window_height)
-            or (internal["left"] and lx0 == 0)
-            or (internal["right"] and lx1 == window_width)
-        )
-        distances = []
-        if internal["top"]:
-            distances.append(centroid_y[index] - wy0)
-        if internal["bottom"]:
-            distances.append(wy1 - 1 - centroid_y[index])
-        if internal["left"]:
-            distances.append(centroid_x[index] - wx0)
-        if internal["right"]:
-            distances.append(wx1 - 1 - centroid_x[index])
-        edge_distance.append(min(distances) if distances else FAR_FROM_EDGE)
+        cut, distance = _internal_edge_facts((ly0, lx0, ly1, lx1), (centroid_y[index], centroid_x[index]), window,
+                                             image_shape)
+        truncated.append(cut)
+        edge_distance.append(distance)
         shape_solidity, shape_eccentricity = shape_descriptors(crop)
         solidity.append(shape_solidity)
         eccentricity.append(shape_eccentricity)

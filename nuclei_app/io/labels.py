@@ -184,3 +184,19 @@ def write_label_tiff(
     tifffile.imwrite(buffer, array, **options)
     return atomic_write_bytes(path, buffer.getvalue())
 
+
+def write_label_layers_tiff(path: str | Path, layers: np.ndarray) -> Path:
+    """Write overlap layers (K, H, W) of instance ids as one zlib-compressed ``uint32`` TIFF stack, atomically.
+
+    Layer k holds the full masks of the instances assigned to it (ids shared with the flat view).
+    """
+    import tifffile
+
+    path = Path(path)
+    array = np.asarray(layers)
+    if array.ndim != 3:
+        raise BadDataError(f"expected overlap layers (K, H, W), got shape {array.shape}", path)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.stack([as_uint32_labels(layer, path) for layer in array]), compression="zlib",
+                     photometric="minisblack")
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -137,6 +137,39 @@ def _tiles_from_function(
                 yield block
 
 
+def _checked_source(
+    path: Path,
+    image: np.ndarray | TileFunction,
+    channel_names: Sequence[str],
+    tile: tuple[int, int],
+    n_levels: int | None,
+    shape: tuple[int, int, int] | None,
+    dtype: np.dtype | str | None,
+) -> tuple[np.ndarray | None, tuple[int, int, int], np.dtype, int]:
+    """The array (None for a tile function), its (C, Y, X) shape, pixel type and pyramid level
+    count, after checking them against the channel names (`UsageError` naming ``path``)."""
+    if callable(image):
+        if shape is None or dtype is None:
+            raise UsageError("writing from a tile function needs shape=(C, Y, X) and dtype", path)
+        full_shape = tuple(int(s) for s in shape)
+        pixel_type = np.dtype(dtype)
+        levels = 1 if n_levels is None else int(n_levels)
+        array = None
+    else:
+        array = np.asarray(image)
+        if array.ndim == 2:
+            array = array[np.newaxis]
+        if array.ndim != 3:
+            raise UsageError(f"image must be (C, Y, X), got shape {array.shape}", path)
+        full_shape, pixel_type = tuple(array.shape), array.dtype
+        levels = pyramid_level_count(full_shape[1:], tile) if n_levels is None else int(n_levels)
+    if len(full_shape) != 3 or min(full_shape) <= 0:
+        raise UsageError(f"image shape {full_shape} must be (C, Y, X) with no empty axis", path)
+    if len(channel_names) != full_shape[0]:
+        raise UsageError(f"{len(channel_names)} channel names for {full_shape[0]} channels", path)
+    return array, full_shape, pixel_type, max(1, levels)
+
+
 def write_ome_tiff(
     path: str | Path,
     image: np.ndarray | TileFunction,
@@ -184,26 +217,7 @@ def write_ome_tiff(
     tile = (int(tile[0]), int(tile[1]))
     if tile[0] % 16 or tile[1] % 16 or min(tile) <= 0:
         raise UsageError(f"tile size {tile} must be positive multiples of 16", path)
-    if callable(image):
-        if shape is None or dtype is None:
-            raise UsageError("writing from a tile function needs shape=(C, Y, X) and dtype", path)
-        full_shape = tuple(int(s) for s in shape)
-        pixel_type = np.dtype(dtype)
-        levels = 1 if n_levels is None else int(n_levels)
-        array = None
-    else:
-        array = np.asarray(image)
-        if array.ndim == 2:
-            array = array[np.newaxis]
-        if array.ndim != 3:
-            raise UsageError(f"image must be (C, Y, X), got shape {array.shape}", path)
-        full_shape, pixel_type = tuple(array.shape), array.dtype
-        levels = pyramid_level_count(full_shape[1:], tile) if n_levels is None else int(n_levels)
-    if len(full_shape) != 3 or min(full_shape) <= 0:
-        raise UsageError(f"image shape {full_shape} must be (C, Y, X) with no empty axis", path)
-    if len(channel_names) != full_shape[0]:
-        raise UsageError(f"{len(channel_names)} channel names for {full_shape[0]} channels", path)
-    levels = max(1, levels)
+    array, full_shape, pixel_type, levels = _checked_source(path, image, channel_names, tile, n_levels, shape, dtype)
     raw_bytes = int(np.prod(full_shape)) * pixel_type.itemsize
     bigtiff = path.name.lower().endswith(".ome.btf") or raw_bytes > _CLASSIC_TIFF_LIMIT
     options = dict(

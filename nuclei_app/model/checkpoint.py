@@ -1,7 +1,11 @@
 """Weights and model card: the only place that loads or saves a model."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
+from nuclei_app.atomic import atomic_directory, atomic_write_json
 from nuclei_app.model.mask_rcnn import MultiHeadMaskRCNN, build_model
 from nuclei_app.config import get_preset
 from nuclei_app.errors import BadDataError, MissingInputError
@@ -60,3 +64,24 @@ def model_score_threshold(card: dict) -> float:
     """The score cut-off a model card records (chosen at training), or 0.5 for older cards."""
     return float(card.get("inference", {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD))
 
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's keys and tensor bytes, in key order (the model id comes from it)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_model(output_dir: str | Path, state: dict[str, torch.Tensor], card: dict, report: dict) -> Path:
+    """Write a model folder atomically: ``weights.pt`` (plain state dict), ``model_card.json``,
+    ``training_report.json``; card and report are validated against their schemas first."""
+    validate_instance(card, "model_card")
+    validate_instance(report, "training_report")
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as staging:
+        torch.save(state, staging / WEIGHTS_FILE)
+        atomic_write_json(staging / MODEL_CARD_FILE, card)
+        atomic_write_json(staging / TRAINING_REPORT_FILE, report)
+    return output_dir

@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch
-import torch.nn.functional as F
 from nuclei_app.model.checkpoint import load_model, model_score_threshold
+from nuclei_app.model.transform import pad_batch, to_canonical
 from nuclei_app.model.mask_rcnn import MAX_HIDDEN_SHARE, MultiHeadMaskRCNN, SCALE_GRID, paste_mask_crops
 from nuclei_app.core.instances import Instances, suppress_hidden, trim_to_local_contrast
 
@@ -57,17 +57,8 @@ class NucleiPredictor:
         if not tiles:
             return []
         shapes = [tile.shape[1:] for tile in tiles]
-        resized = [
-            F.interpolate(torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))[None], scale_factor=self.scale,
-                          mode="bilinear", antialias=self.scale < 1, align_corners=False, recompute_scale_factor=False)[0]
-            if abs(self.scale - 1) > 1e-3 else torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))
-            for t in tiles
-        ]
-        height = max(round_up_to_multiple(r.shape[1]) for r in resized)
-        width = max(round_up_to_multiple(r.shape[2]) for r in resized)
-        batch = torch.zeros((len(tiles), tiles[0].shape[0], height, width))
-        for index, tile in enumerate(resized):
-            batch[index, :, : tile.shape[1], : tile.shape[2]] = tile
+        resized = [to_canonical(tile, self.scale) for tile in tiles]
+        batch = pad_batch(resized)
         results = self.model.predict(batch.to(self.device), flips=self.flips, score_threshold=self.score_threshold)
         output = []
         for (tile_h, tile_w), original, tile, result in zip(shapes, tiles, resized, results):
@@ -86,11 +77,6 @@ class NucleiPredictor:
                                                self.diameter_px)
             output.append(suppress_hidden(instances.select(instances.areas() > 0), MAX_HIDDEN_SHARE))
         return output
-
-
-def round_up_to_multiple(n: int, multiple: int = 32) -> int:
-    """Smallest multiple of ``multiple`` >= n (feature strides need divisible sizes)."""
-    return int(math.ceil(n / multiple) * multiple)
 
 
 def load_predictor(model_dir, device: str = "cpu", pixel_size_um=None, diameter_px: float | None = None,

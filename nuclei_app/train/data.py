@@ -13,6 +13,7 @@ from nuclei_app.provenance import path_sha256
 from nuclei_app.core.intensity import normalise_intensities
 from nuclei_app.model.heads import integral_image
 from nuclei_app.model.transform import rescale_image
+from nuclei_app.seeding import generator
 from nuclei_app.core.tiling import make_tile_grid
 from nuclei_app.io.slides import tissue_overview
 from nuclei_app.core.tissue import tissue_tiles
@@ -79,7 +80,7 @@ def load_training_images(
     """
 
     files = expand_inputs(paths)
-    rng = np.random.default_rng(config.seed)
+    rng = generator(config.seed, "training_tiles")
     per_slide_tiles = max(1, config.max_training_tiles // max(len(files), 1))
     images, provenance, channel_names = [], [], None
     for path, known_pixel_size in files:

@@ -10,7 +10,6 @@ to ``training_report.json``.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -19,17 +18,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 import torch
-from nuclei_app import __version__
+from nuclei_app.seeding import framework_seed, generator
 from nuclei_app.config import TrainingConfig
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, UsageError
-from nuclei_app.provenance import software_versions
-from nuclei_app.model.mask_rcnn import MultiHeadMaskRCNN, build_model, count_parameters
-from nuclei_app.model.checkpoint import MODEL_CARD_FILE, TRAINING_REPORT_FILE, WEIGHTS_FILE
+from nuclei_app.model.mask_rcnn import MultiHeadMaskRCNN, build_model
+from nuclei_app.model.checkpoint import save_model, weights_sha256
+from nuclei_app.train.model_card import build_model_card
 from nuclei_app.train.data import MIN_NUCLEI_TO_TRAIN, TrainingImage, pseudo_label_coverage, load_training_images, sample_batch
 from nuclei_app.train.pseudo_labels import RefinementStats, self_label, human_pseudo_labels, weak_pseudo_labels
-from nuclei_app.train.threshold import jsonable, choose_score_threshold
-from nuclei_app.atomic import atomic_directory, atomic_write_json
-from nuclei_app.schemas import validate_instance
+from nuclei_app.train.threshold import choose_score_threshold
 from nuclei_app.model.device import resolve_device
 
 
@@ -48,8 +45,8 @@ class TrainingResult:
 
 
 def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
+    torch.manual_seed(framework_seed(seed))
+    np.random.seed(framework_seed(seed))  # for any library drawing from numpy's global state
     # Tiny optimizer-state values turn denormal on CPU and make AdamW several times slower.
     torch.set_flush_denormal(True)
 
@@ -134,17 +131,42 @@ def train_model(
         image file, used instead of the weak labels (needs ``config.rounds == 0``); the model
         card then says ``human_labels_used: true``.
     """
-
     say = progress or (lambda line: log.info(line))
     started = time.time()
     output_dir = Path(output_dir)
     _check_writable_output(output_dir)
-
     device = resolve_device(config.device)
     _seed_everything(config.seed)
-    rng = np.random.default_rng(config.seed)
-    preset = config.model_preset
+    images, channel_names, provenance = _round_zero_images(inputs, config, nuclear_channels, human_labels, say)
+    model = build_model(len(channel_names), config.model_preset, heads=config.heads, use_eca=config.use_eca).to(device)
+    rounds_report, timed_out = _self_train(model, images, config, device, say, evaluation)
+    threshold_choice = choose_score_threshold(model, images, device)
+    say(f"score threshold {threshold_choice['score_threshold']:.2f} "
+        f"(F1 {max(threshold_choice['f1_vs_pseudo_labels']):.3f} against the pseudo-labels)")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    card = build_model_card(model, images, channel_names, provenance, config, device, threshold_choice,
+                            weights_sha256(state), seconds=time.time() - started, timed_out=timed_out,
+                            human_labels_used=human_labels is not None)
+    report = {
+        "model_id": card["model_id"],
+        "rounds": rounds_report,
+        "total_seconds": round(time.time() - started, 2),
+        "timed_out": timed_out,
+        "converged": len(rounds_report) < config.rounds + 1 and not timed_out,
+    }
+    save_model(output_dir, state, card, report)
+    say(f"model {card['model_id']} written to {output_dir}")
+    return TrainingResult(output_dir, model, card, report)
 
+
+def _round_zero_images(
+    inputs: Sequence[str | Path],
+    config: TrainingConfig,
+    nuclear_channels: str | Sequence[str] | None,
+    human_labels: Sequence[str | Path] | None,
+    say: Callable[[str], None],
+) -> tuple[list[TrainingImage], list[str], list[dict]]:
+    """Training images at canonical scale with round 0 pseudo-labels (weak labelers, or human masks)."""
     if human_labels is not None and (config.rounds or len(human_labels) != len(inputs)):
         raise UsageError("training on human masks needs one mask file per input image and rounds=0 "
                          "(self-training would overwrite the masks)")
@@ -164,11 +186,25 @@ def train_model(
         )
     say(f"round 0 pseudo-labels: {n_teacher} nuclei from "
         + ("human masks" if human_labels is not None else f"weak labelers {list(config.weak_methods)}"))
+    return images, channel_names, provenance
 
-    model = build_model(len(channel_names), preset, heads=config.heads, use_eca=config.use_eca).to(device)
+
+def _self_train(
+    model: MultiHeadMaskRCNN,
+    images: list[TrainingImage],
+    config: TrainingConfig,
+    device: str,
+    say: Callable[[str], None],
+    evaluation: Callable[[MultiHeadMaskRCNN, int, list[TrainingImage]], dict] | None,
+) -> tuple[list[dict], bool]:
+    """Round 0 on the weak labels, then correct + expand + fine-tune until converged or out of time.
+
+    Returns every round's report entry and whether any round was cut short by the time budget.
+    """
+    rng = generator(config.seed, "batches")
     deadline = time.monotonic() + config.max_minutes * 60
-    default_steps = config.steps_per_round or preset.default_steps_per_round
-    rounds_report = []
+    default_steps = config.steps_per_round or config.model_preset.default_steps_per_round
+    rounds_report: list[dict] = []
     timed_out = False
     prediction_pass_seconds = 0.0
     for round_index in range(config.rounds + 1):
@@ -188,40 +224,11 @@ def train_model(
         if round_index == config.rounds:
             # The last round leaves time for choosing the score threshold (one more prediction pass).
             round_deadline -= prediction_pass_seconds
-
-        recent: list[float] = []
-
-        def on_step(step: int, total: int, loss: float, _round=round_index, _recent=recent) -> None:
-            _recent.append(loss)
-            if (step + 1) % 50 == 0 or step == total - 1:
-                say(f"round {_round} step {step + 1}/{total} mean loss {np.mean(_recent[-50:]):.3f}")
-
         losses, done, steps, round_timed_out = _train_steps(model, images, config, steps, rng, device, round_deadline,
-                                                     on_step)
+                                                            _loss_logger(round_index, say))
         timed_out |= round_timed_out
-        entry = {
-            "round": round_index,
-            "steps": done,
-            "steps_planned": steps,
-            "seconds": round(time.time() - round_started, 2),
-            "loss_first": losses[0] if losses else None,
-            "loss_last": float(np.mean(losses[-20:])) if losses else None,
-            "pseudo_labels": {
-                "objects": int(sum(int(item.labels.max()) for item in images)),
-                "kept": stats.kept if round_index else int(sum(int(item.labels.max()) for item in images)),
-                "corrected": stats.corrected,
-                "split": stats.split,
-                "merged": stats.merged,
-                "outline_fixed": stats.outline_fixed,
-                "added": stats.added,
-                "removed": stats.removed,
-                "changed_fraction": round(stats.changed_fraction, 4),
-                "foreground_coverage": round(float(np.mean([pseudo_label_coverage(i) for i in images])), 4),
-            },
-            "teacher_student_f1": round(stats.teacher_student_f1, 4) if round_index else None,
-            "head_agreement": None if stats.head_agreement is None else round(stats.head_agreement, 4),
-            "timed_out": round_timed_out,
-        }
+        entry = _round_entry(round_index, done, steps, time.time() - round_started, losses, stats, images,
+                             round_timed_out)
         if evaluation is not None:
             hook_started = time.monotonic()
             entry["evaluation"] = evaluation(model, round_index, images)
@@ -233,76 +240,48 @@ def train_model(
         if time.monotonic() > deadline:
             say("time budget spent; stopping after this round")
             break
+    return rounds_report, timed_out
 
-    threshold_choice = choose_score_threshold(model, images, device)
-    say(f"score threshold {threshold_choice['score_threshold']:.2f} "
-        f"(F1 {max(threshold_choice['f1_vs_pseudo_labels']):.3f} against the pseudo-labels)")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    weights_hash = hashlib.sha256()
-    for key in sorted(state):
-        weights_hash.update(key.encode())
-        weights_hash.update(state[key].numpy().tobytes())
-    model_id = f"nuclei-{preset.name}-{weights_hash.hexdigest()[:12]}"
-    diameters = [item.source["diameter_px"] for item in images]
-    physical = [
-        item.source["diameter_px"] * float(np.mean(item.source["pixel_size_um"]))
-        for item in images
-        if item.source["pixel_size_um"]
-    ]
-    card = {
-        "model_id": model_id,
-        "tool": "nuclei-app",
-        "version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "architecture": {
-            "name": "multi-head Mask R-CNN with efficient channel attention",
-            "preset": preset.name,
-            "preset_parameters": jsonable(preset.__dict__),
-            "heads": config.heads,
-            "eca": config.use_eca,
-            "in_channels": len(channel_names),
-            "parameters": count_parameters(model),
-            "pretrained_weights": None,
+
+def _loss_logger(round_index: int, say: Callable[[str], None]) -> Callable[[int, int, float], None]:
+    """A step callback that says the mean loss of the last 50 steps every 50 steps and at the end."""
+    recent: list[float] = []
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        recent.append(loss)
+        if (step + 1) % 50 == 0 or step == total - 1:
+            say(f"round {round_index} step {step + 1}/{total} mean loss {np.mean(recent[-50:]):.3f}")
+
+    return on_step
+
+
+def _round_entry(round_index: int, done: int, steps: int, seconds: float, losses: list[float],
+                 stats: RefinementStats, images: list[TrainingImage], round_timed_out: bool) -> dict:
+    """One round's entry of ``training_report.json`` (schema ``training_report``)."""
+    objects = int(sum(int(item.labels.max()) for item in images))
+    return {
+        "round": round_index,
+        "steps": done,
+        "steps_planned": steps,
+        "seconds": round(seconds, 2),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": float(np.mean(losses[-20:])) if losses else None,
+        "pseudo_labels": {
+            "objects": objects,
+            "kept": stats.kept if round_index else objects,
+            "corrected": stats.corrected,
+            "split": stats.split,
+            "merged": stats.merged,
+            "outline_fixed": stats.outline_fixed,
+            "added": stats.added,
+            "removed": stats.removed,
+            "changed_fraction": round(stats.changed_fraction, 4),
+            "foreground_coverage": round(float(np.mean([pseudo_label_coverage(i) for i in images])), 4),
         },
-        "channels": channel_names,
-        "normalisation": {
-            "method": "per-channel whole-slide percentiles mapped to [0, 1]",
-            "low_percentile": 1.0,
-            "high_percentile": 99.8,
-        },
-        "scale": {
-            "canonical_diameter_px": preset.canonical_diameter,
-            "training_diameter_px": float(np.median(diameters)),
-            "training_diameter_um": float(np.median(physical)) if physical else None,
-        },
-        "training": {
-            "config": config.to_dict(),
-            "device": device,
-            "seed": config.seed,
-            "seconds": round(time.time() - started, 2),
-            "timed_out": timed_out,
-            "data": provenance,
-            "human_labels_used": human_labels is not None,
-        },
-        "inference": threshold_choice,
-        "weights": {"file": WEIGHTS_FILE, "sha256": weights_hash.hexdigest()},
-        "software": software_versions(),
+        "teacher_student_f1": round(stats.teacher_student_f1, 4) if round_index else None,
+        "head_agreement": None if stats.head_agreement is None else round(stats.head_agreement, 4),
+        "timed_out": round_timed_out,
     }
-    report = {
-        "model_id": model_id,
-        "rounds": rounds_report,
-        "total_seconds": round(time.time() - started, 2),
-        "timed_out": timed_out,
-        "converged": len(rounds_report) < config.rounds + 1 and not timed_out,
-    }
-    validate_instance(card, "model_card")
-    validate_instance(report, "training_report")
-    with atomic_directory(output_dir) as staging:
-        torch.save(state, staging / WEIGHTS_FILE)
-        atomic_write_json(staging / MODEL_CARD_FILE, card)
-        atomic_write_json(staging / TRAINING_REPORT_FILE, report)
-    say(f"model {model_id} written to {output_dir}")
-    return TrainingResult(output_dir, model, card, report)
 
 
 def _check_writable_output(output_dir: Path) -> None:

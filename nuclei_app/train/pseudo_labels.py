@@ -8,9 +8,9 @@ import torch
 from nuclei_app.config import OUTLINE_CONTRAST_FRACTION, TrainingConfig
 from nuclei_app.errors import BadDataError
 from nuclei_app.model.mask_rcnn import MAX_HIDDEN_SHARE, MultiHeadMaskRCNN, paste_mask_crops
-from nuclei_app.model.predictor import round_up_to_multiple
 from nuclei_app.core.instances import Instances, suppress_hidden, trim_to_local_contrast
-from nuclei_app.model.transform import rescale_image
+from nuclei_app.seeding import generator
+from nuclei_app.model.transform import pad_batch, rescale_image
 from nuclei_app.train.data import TrainingImage
 from nuclei_app.core.weak import weak_labels
 from nuclei_app.core.metrics import as_label_image
@@ -41,7 +41,7 @@ def weak_pseudo_labels(images: list[TrainingImage], config: TrainingConfig) -> N
         item.labels, item.confidence, item.ignore = per_method[config.weak_methods[0]]
         item.views = [
             _bootstrap_view(*per_method[config.weak_methods[k % len(config.weak_methods)]], config,
-                            seed=(config.seed, image_index, k))
+                            key=(0, image_index, k))
             for k in range(config.heads)
         ]
 
@@ -69,7 +69,7 @@ def human_pseudo_labels(images: list[TrainingImage], label_files: dict[str, Path
         confidence = np.ones(int(labels.max()) + 1, dtype=np.float32)
         confidence[0] = 0.0
         item.labels, item.confidence, item.ignore = labels, confidence, np.zeros(labels.shape, bool)
-        item.views = [_bootstrap_view(labels, confidence, item.ignore, config, seed=(config.seed, image_index, k))
+        item.views = [_bootstrap_view(labels, confidence, item.ignore, config, key=(0, image_index, k))
                       for k in range(config.heads)]
 
 
@@ -109,9 +109,12 @@ def cross_checked(view: tuple, others: list[tuple]) -> tuple:
     return labels, confidence, ignore
 
 
-def _bootstrap_view(labels, confidence, ignore, config: TrainingConfig, seed) -> tuple:
-    """A head's view: unconfident objects and a random share of the rest become "ignore"."""
-    rng = np.random.default_rng(list(seed))
+def _bootstrap_view(labels, confidence, ignore, config: TrainingConfig, key: tuple[int, ...]) -> tuple:
+    """A head's view: unconfident objects and a random share of the rest become "ignore".
+
+    ``key`` names the view's own random stream (`nuclei_app.seeding`, ``pseudo_label_views``).
+    """
+    rng = generator(config.seed, "pseudo_label_views", *key)
     n = len(confidence) - 1
     hidden = np.zeros(n + 1, dtype=bool)
     hidden[1:] = confidence[1:] < config.min_teacher_confidence
@@ -137,6 +140,7 @@ def predict_label_image(
     score_threshold: float = 0.3,
     device: str = "cpu",
     output_shape: tuple[int, int] | None = None,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict a canonical-scale image (C, H, W) in overlapping tiles.
 
@@ -146,7 +150,8 @@ def predict_label_image(
     may claim it, so copies mostly hidden under a higher-scoring object are dropped
     (`suppress_hidden`) over the whole image before the labels are painted.
 
-    With ``output_shape``, ``image`` is a native image of that shape resized to canonical scale,
+    With ``output_shape`` and ``scale``, ``image`` is a native image of that shape resized by ``scale``
+    (`nuclei_app.model.transform.to_canonical`),
     and the labels are drawn at native resolution: each mask grid is resized straight into its
     native box, as `segment` does. Upsampling canonical labels instead would give a nucleus
     downscaled 5x a staircase outline of 5-pixel steps.
@@ -154,8 +159,8 @@ def predict_label_image(
     model.eval()
     _, height, width = image.shape
     out_height, out_width = output_shape if output_shape is not None else (height, width)
-    # Canonical -> output factors per axis (`rescale_image` rounds each side of the native image).
-    to_output = torch.tensor([out_width / width, out_height / height] * 2)
+    # Canonical -> output: `to_canonical` samples on the exact scale, so the inverse is 1 / scale.
+    to_output = torch.full((4,), 1.0 / scale if output_shape is not None and scale else 1.0)
     min_pixels = 4 * float(to_output[0] * to_output[1])  # 4 canonical pixels
     boxes, crops, scores, agreements = [], [], [], []
     step = tile - overlap
@@ -169,10 +174,7 @@ def predict_label_image(
     for y0, (core_y0, core_y1) in zip(ys, row_cores):
         for x0, (core_x0, core_x1) in zip(xs, col_cores):
             window = image[:, y0 : y0 + tile, x0 : x0 + tile]
-            h, w = window.shape[1:]
-            padded = np.zeros((image.shape[0], round_up_to_multiple(h), round_up_to_multiple(w)), dtype=np.float32)
-            padded[:, :h, :w] = window
-            result = model.predict(torch.from_numpy(padded)[None].to(device), flips=flips,
+            result = model.predict(pad_batch([window]).to(device), flips=flips,
                                    score_threshold=score_threshold)[0]
             if len(result.boxes) == 0:
                 continue
@@ -362,7 +364,7 @@ def self_label(model, images: list[TrainingImage], config: TrainingConfig, devic
         item.labels, item.confidence = labels, confidence
         item.ignore = (item.ignore & (labels == 0)) | extra_ignore
         item.views = [
-            _bootstrap_view(labels, confidence, item.ignore, config, seed=(config.seed, image_index, k, 7))
+            _bootstrap_view(labels, confidence, item.ignore, config, key=(1, image_index, k))
             for k in range(config.heads)
         ]
         for name in ("kept", "outline_fixed", "split", "merged", "added", "removed", "teacher_objects",
@@ -384,7 +386,7 @@ def predict_native_labels(model: MultiHeadMaskRCNN, image: np.ndarray, scale: fl
     slides go through `nuclei_app.segment`, which tiles, stitches and streams.
     """
     labels, _, _ = predict_label_image(model, rescale_image(image, scale), flips=flips, device=device,
-                                       score_threshold=score_threshold, output_shape=image.shape[1:])
+                                       score_threshold=score_threshold, output_shape=image.shape[1:], scale=scale)
     if outline_contrast_fraction is None:
         return labels
     # Outlines trimmed at native resolution as `NucleiPredictor` trims them in slides.
