@@ -277,8 +277,85 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _slides_table_html(summary: dict[str, Any], descriptions: dict[str, str]) -> list[str]:
+    """HTML lines of the per-slide table: status, reasons and every group metric (outlier cells marked)."""
+    escape = html.escape
+    out = ['<table id="slides"><thead><tr><th class="name">BIDS name</th><th>status</th><th class="name">reasons</th>']
+    for metric in GROUP_METRICS:
+        out.append(f'<th title="{escape(descriptions.get(metric, ""))}">{escape(metric)}</th>')
+    out.append("</tr></thead><tbody>")
+    for slide in summary["slides"]:
+        row_class = ' class="outlier"' if slide["outlier"] else ""
+        reasons = ", ".join(slide["reasons"]) or "&mdash;"
+        out.append(
+            f'<tr{row_class}><td class="name"><a href="#slide-{escape(slide["bids_name"])}">'
+            f'{escape(slide["bids_name"])}</a></td><td class="status-{slide["status"]}">{slide["status"]}</td>'
+            f'<td class="name">{escape(reasons) if slide["reasons"] else reasons}</td>'
+        )
+        for metric in GROUP_METRICS:
+            flagged = metric in slide["outlier_metrics"]
+            z = slide["robust_z"].get(metric)
+            title = f' title="robust z = {z:.2f}"' if z is not None else ""
+            css = ' class="outlier"' if flagged else ""
+            out.append(f"<td{css}{title}>{escape(_format(slide['metrics'].get(metric)))}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return out
+
+
+def _figure_html(report_path: Path, entry: dict[str, Any], name: str) -> str | None:
+    """One flagged tile's overlay as an inline ``<figure>``; None when its PNG is missing."""
+    uri = _overlay_data_uri(report_path, entry.get("overlay"))
+    if uri is None:
+        return None
+    caption = (f"#{entry['rank']}: y {entry['y0']}, x {entry['x0']} px"
+               + (f" ({entry['y0_um']:.1f}, {entry['x0_um']:.1f} µm)" if entry.get("y0_um") is not None else "")
+               + f", {entry['height']}&times;{entry['width']} px, QC score "
+               + _format(entry["qc_score"]) + (": " + ", ".join(entry["reasons"]) if entry["reasons"] else ""))
+    return (
+        f'<figure><img src="{uri}" alt="tile y{entry["y0"]} x{entry["x0"]} of {html.escape(name)}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def _slide_section_html(report_path: Path, report: dict[str, Any], name: str) -> list[str]:
+    """HTML lines of one slide's section: status, reasons and the overlays of its flagged tiles."""
+    escape = html.escape
+    out = [f'<section id="slide-{escape(name)}"><h3>{escape(name)} &mdash; '
+           f'<span class="status-{report["status"]}">{report["status"]}</span></h3>']
+    if report["reasons"]:
+        out.append("<ul>" + "".join(
+            f"<li><code>{escape(r['code'])}</code> ({r['severity']}): {escape(r['message'])}</li>"
+            for r in report["reasons"]) + "</ul>")
+    flagged = report["flagged_tiles"]
+    if not flagged:
+        out.append('<p class="note">No flagged tile.</p></section>')
+        return out
+    figures = [figure for figure in (_figure_html(report_path, entry, name) for entry in flagged) if figure]
+    without = len(flagged) - len(figures)
+    out.append(f'<div class="tiles">{"".join(figures)}</div>')
+    if without:
+        out.append(f'<p class="note">{without} more flagged tile(s) without an overlay (beyond max_overlays); '
+                   "coordinates in the slide's QC report.</p>")
+    out.append("</section>")
+    return out
+
+
 def render_html(summary: dict[str, Any], reports: list[tuple[Path, dict[str, Any]]]) -> str:
-    """The self-contained report page (a str of HTML) for a group summary and its slide reports."""
+    """The self-contained report page for a group summary and its slide reports.
+
+    Parameters
+    ----------
+    summary : dict
+        The group summary (``group_qc.json``).
+    reports : list of (Path, dict)
+        Each slide's QC report path and content, in the order of ``summary["slides"]``.
+
+    Returns
+    -------
+    str
+        The HTML document.
+    """
     escape = html.escape
     descriptions = metric_descriptions()
     counts = summary["status_counts"]
@@ -301,69 +378,117 @@ def render_html(summary: dict[str, Any], reports: list[tuple[Path, dict[str, Any
         f"worse direction (z = (x - median) / (1.4826 MAD)); computed with at least {MIN_SLIDES_FOR_OUTLIERS} "
         "slides. Hover a column header for the metric's definition.</p>",
         "<h2>Slides</h2>",
-        '<table id="slides"><thead><tr><th class="name">BIDS name</th><th>status</th><th class="name">reasons</th>',
+        *_slides_table_html(summary, descriptions),
+        "<h2>Flagged tiles</h2>",
+        '<p class="note">Each image: the nuclear channel(s) of the tile in grey with the nucleus outlines of '
+        "the segmentation in yellow, worst tile (lowest QC score) first.</p>",
     ]
-    for metric in GROUP_METRICS:
-        out.append(f'<th title="{escape(descriptions.get(metric, ""))}">{escape(metric)}</th>')
-    out.append("</tr></thead><tbody>")
-    for slide in summary["slides"]:
-        row_class = ' class="outlier"' if slide["outlier"] else ""
-        reasons = ", ".join(slide["reasons"]) or "&mdash;"
-        out.append(
-            f'<tr{row_class}><td class="name"><a href="#slide-{escape(slide["bids_name"])}">'
-            f'{escape(slide["bids_name"])}</a></td><td class="status-{slide["status"]}">{slide["status"]}</td>'
-            f'<td class="name">{escape(reasons) if slide["reasons"] else reasons}</td>'
-        )
-        for metric in GROUP_METRICS:
-            flagged = metric in slide["outlier_metrics"]
-            z = slide["robust_z"].get(metric)
-            title = f' title="robust z = {z:.2f}"' if z is not None else ""
-            css = ' class="outlier"' if flagged else ""
-            out.append(f"<td{css}{title}>{escape(_format(slide['metrics'].get(metric)))}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-
-    out.append("<h2>Flagged tiles</h2>")
-    out.append('<p class="note">Each image: the nuclear channel(s) of the tile in grey with the nucleus outlines of '
-               "the segmentation in yellow, worst tile (lowest QC score) first.</p>")
     for (report_path, report), slide in zip(reports, summary["slides"]):
-        name = slide["bids_name"]
-        out.append(f'<section id="slide-{escape(name)}"><h3>{escape(name)} &mdash; '
-                   f'<span class="status-{report["status"]}">{report["status"]}</span></h3>')
-        if report["reasons"]:
-            out.append("<ul>" + "".join(
-                f"<li><code>{escape(r['code'])}</code> ({r['severity']}): {escape(r['message'])}</li>"
-                for r in report["reasons"]) + "</ul>")
-        flagged = report["flagged_tiles"]
-        if not flagged:
-            out.append('<p class="note">No flagged tile.</p></section>')
-            continue
-        figures = []
-        for entry in flagged:
-            uri = _overlay_data_uri(report_path, entry.get("overlay"))
-            if uri is None:
-                continue
-            caption = (f"#{entry['rank']}: y {entry['y0']}, x {entry['x0']} px"
-                       + (f" ({entry['y0_um']:.1f}, {entry['x0_um']:.1f} µm)" if entry.get("y0_um") is not None else "")
-                       + f", {entry['height']}&times;{entry['width']} px, QC score "
-                       + _format(entry["qc_score"]) + (": " + ", ".join(entry["reasons"]) if entry["reasons"] else ""))
-            figures.append(
-                f'<figure><img src="{uri}" alt="tile y{entry["y0"]} x{entry["x0"]} of {escape(name)}">'
-                f"<figcaption>{caption}</figcaption></figure>"
-            )
-        without = len(flagged) - len(figures)
-        out.append(f'<div class="tiles">{"".join(figures)}</div>')
-        if without:
-            out.append(f'<p class="note">{without} more flagged tile(s) without an overlay (beyond max_overlays); '
-                       "coordinates in the slide's QC report.</p>")
-        out.append("</section>")
-
+        out.extend(_slide_section_html(report_path, report, slide["bids_name"]))
     out.append("<h2>Metric definitions</h2><dl>")
     for metric in GROUP_METRICS:
         out.append(f"<dt>{escape(metric)}</dt><dd>{escape(descriptions.get(metric, ''))}</dd>")
     out.append("</dl>")
     out.append(f"<script>{_SCRIPT}</script></body></html>")
     return "\n".join(out) + "\n"
+
+
+def slide_summaries(reports: list[tuple[Path, dict[str, Any]]], output_dir: Path) -> list[dict[str, Any]]:
+    """One group entry per slide report: status, reasons, metrics, robust z-scores and outlier metrics.
+
+    The z-scores (`robust_z_scores` of each of `GROUP_METRICS` across the slides) are
+    computed with at least `MIN_SLIDES_FOR_OUTLIERS` slides, else they are None.
+
+    Parameters
+    ----------
+    reports : list of (Path, dict)
+        Each slide's QC report path and content.
+    output_dir : Path
+        The group output folder (report paths are written relative to it when below it).
+
+    Returns
+    -------
+    list of dict
+        Entries of the ``slides`` array of the ``group_qc`` schema, in the order of ``reports``.
+    """
+    directions = metric_directions()
+    use_outliers = len(reports) >= MIN_SLIDES_FOR_OUTLIERS
+    z_scores = {
+        metric: robust_z_scores([report["slide"].get(metric) for _, report in reports])
+        if use_outliers else [None] * len(reports)
+        for metric in GROUP_METRICS
+    }
+    slides = []
+    for index, (path, report) in enumerate(reports):
+        robust = {metric: (None if z_scores[metric][index] is None else round(float(z_scores[metric][index]), 4))
+                  for metric in GROUP_METRICS}
+        outlier_metrics = [m for m in GROUP_METRICS if _is_outlier(robust[m], directions.get(m, "none"))]
+        try:
+            relative = str(path.resolve().relative_to(output_dir.resolve()))
+        except ValueError:
+            relative = str(path.resolve())
+        slides.append({
+            "bids_name": bids_name(path),
+            "qc_report": relative,
+            "source": report["provenance"]["image"]["path"],
+            "status": report["status"],
+            "reasons": [reason["code"] for reason in report["reasons"]],
+            "n_flagged_tiles": len(report["flagged_tiles"]),
+            "metrics": {metric: report["slide"].get(metric) for metric in GROUP_METRICS},
+            "robust_z": robust,
+            "outlier": bool(outlier_metrics),
+            "outlier_metrics": outlier_metrics,
+        })
+    return slides
+
+
+def group_summary(slides: list[dict[str, Any]], applied: bool) -> dict[str, Any]:
+    """The content of ``group_qc.json`` (schema ``group_qc``) for the slide entries.
+
+    Parameters
+    ----------
+    slides : list of dict
+        From `slide_summaries`.
+    applied : bool
+        Whether the outlier rule was applied (enough slides).
+
+    Returns
+    -------
+    dict
+    """
+    directions = metric_directions()
+    descriptions = metric_descriptions()
+    return {
+        "schema_version": "1.0",
+        "created_at": utc_timestamp(),
+        "software": {"name": "nuclei-app", "version": __version__},
+        "n_slides": len(slides),
+        "status_counts": {status: sum(1 for s in slides if s["status"] == status) for status in ("pass", "warn", "fail")},
+        "n_outliers": sum(1 for s in slides if s["outlier"]),
+        "outlier_rule": {
+            "statistic": "robust z = (x - median) / (1.4826 MAD); 1.2533 x mean absolute deviation when MAD = 0",
+            "threshold": OUTLIER_Z,
+            "min_slides": MIN_SLIDES_FOR_OUTLIERS,
+            "applied": applied,
+            "directions": {metric: directions.get(metric, "none") for metric in GROUP_METRICS},
+        },
+        "metrics": list(GROUP_METRICS),
+        "columns": {name: {"Description": text} for name, text in TSV_COLUMNS}
+        | {metric: {"Description": descriptions.get(metric, "")} for metric in GROUP_METRICS},
+        "slides": slides,
+    }
+
+
+def group_tsv(slides: list[dict[str, Any]]) -> str:
+    """The text of ``group_qc.tsv``: `TSV_COLUMNS` then `GROUP_METRICS`, one row per slide entry."""
+    header = [name for name, _ in TSV_COLUMNS] + list(GROUP_METRICS)
+    lines = ["\t".join(header)]
+    for slide in slides:
+        row = [slide["bids_name"], slide["qc_report"], slide["status"], ",".join(slide["reasons"]) or MISSING,
+               _cell(slide["outlier"]), ",".join(slide["outlier_metrics"]) or MISSING]
+        row += [_cell(slide["metrics"][metric]) for metric in GROUP_METRICS]
+        lines.append("\t".join(row))
+    return "\n".join(lines) + "\n"
 
 
 def write_group_report(
@@ -403,70 +528,17 @@ def write_group_report(
         raise CannotCreateOutputError("exists and is not a folder; give an output folder", output_dir)
     paths = collect_qc_reports(qc_reports)
     reports = [(path, read_qc_report(path)) for path in paths]
-    directions = metric_directions()
-    names = [bids_name(path) for path in paths]
-    values = {metric: [report["slide"].get(metric) for _, report in reports] for metric in GROUP_METRICS}
-    use_outliers = len(reports) >= MIN_SLIDES_FOR_OUTLIERS
-    z_scores = {metric: robust_z_scores(column) if use_outliers else [None] * len(reports)
-                for metric, column in values.items()}
-    slides = []
-    for index, ((path, report), name) in enumerate(zip(reports, names)):
-        robust = {metric: (None if z_scores[metric][index] is None else round(float(z_scores[metric][index]), 4))
-                  for metric in GROUP_METRICS}
-        outlier_metrics = [m for m in GROUP_METRICS if _is_outlier(robust[m], directions.get(m, "none"))]
-        try:
-            relative = str(path.resolve().relative_to(output_dir.resolve()))
-        except ValueError:
-            relative = str(path.resolve())
-        slides.append({
-            "bids_name": name,
-            "qc_report": relative,
-            "source": report["provenance"]["image"]["path"],
-            "status": report["status"],
-            "reasons": [reason["code"] for reason in report["reasons"]],
-            "n_flagged_tiles": len(report["flagged_tiles"]),
-            "metrics": {metric: report["slide"].get(metric) for metric in GROUP_METRICS},
-            "robust_z": robust,
-            "outlier": bool(outlier_metrics),
-            "outlier_metrics": outlier_metrics,
-        })
-    counts = {status: sum(1 for s in slides if s["status"] == status) for status in ("pass", "warn", "fail")}
-    summary = {
-        "schema_version": "1.0",
-        "created_at": utc_timestamp(),
-        "software": {"name": "nuclei-app", "version": __version__},
-        "n_slides": len(slides),
-        "status_counts": counts,
-        "n_outliers": sum(1 for s in slides if s["outlier"]),
-        "outlier_rule": {
-            "statistic": "robust z = (x - median) / (1.4826 MAD); 1.2533 x mean absolute deviation when MAD = 0",
-            "threshold": OUTLIER_Z,
-            "min_slides": MIN_SLIDES_FOR_OUTLIERS,
-            "applied": use_outliers,
-            "directions": {metric: directions.get(metric, "none") for metric in GROUP_METRICS},
-        },
-        "metrics": list(GROUP_METRICS),
-        "columns": {name: {"Description": text} for name, text in TSV_COLUMNS}
-        | {metric: {"Description": metric_descriptions().get(metric, "")} for metric in GROUP_METRICS},
-        "slides": slides,
-    }
+    summary = group_summary(slide_summaries(reports, output_dir), applied=len(reports) >= MIN_SLIDES_FOR_OUTLIERS)
     problems = schema_errors(summary, "group_qc")
     if problems:
         raise InvalidQCReportError(
             f"nuclei-app built a group QC summary that breaks its schema (a bug; please report it): {problems[0]}"
         )
-    header = [name for name, _ in TSV_COLUMNS] + list(GROUP_METRICS)
-    lines = ["\t".join(header)]
-    for slide in slides:
-        row = [slide["bids_name"], slide["qc_report"], slide["status"], ",".join(slide["reasons"]) or MISSING,
-               _cell(slide["outlier"]), ",".join(slide["outlier_metrics"]) or MISSING]
-        row += [_cell(slide["metrics"][metric]) for metric in GROUP_METRICS]
-        lines.append("\t".join(row))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CannotCreateOutputError(f"cannot create folder ({error.strerror}); choose a writable path", output_dir)
-    tsv = atomic_write_text(output_dir / GROUP_TSV, "\n".join(lines) + "\n")
+    tsv = atomic_write_text(output_dir / GROUP_TSV, group_tsv(summary["slides"]))
     page = atomic_write_text(output_dir / REPORT_HTML, render_html(summary, reports))
     json_path = atomic_write_json(output_dir / GROUP_JSON, summary)
     return GroupReport(tsv, json_path, page, summary)

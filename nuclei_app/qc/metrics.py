@@ -254,12 +254,50 @@ def tile_qc_score(components: dict[str, float | None], weights: dict[str, float]
 
 
 # =====================================================================================
-# The slide
+# Summaries of per-nucleus values (a tile's or the slide's)
 # =====================================================================================
 
 
+#: Per-nucleus columns the slide driver collects over the tiles (see `judge_morphology`,
+#: `object_summary` and `object_metrics`).
+OBJECT_COLUMNS: tuple[str, ...] = (
+    "tile", "area", "solidity", "eccentricity", "score", "agreement", "overlap", "seam_cut", "control_cut", "at_border",
+)
+
+
+#: Slide metrics in report order (the ``slide`` object of the ``qc_report`` schema).
+SLIDE_METRICS: tuple[str, ...] = (
+    "n_tiles", "n_tiles_analysed", "n_tiles_empty", "n_nuclei", "density_per_mm2",
+    "foreground_share", "foreground_coverage", "foreground_precision", "n_seeds", "seed_recall",
+    "score_mean", "score_p10", "score_p50", "score_share_below_0_5", "head_agreement_mean", "head_all_found_share",
+    "teacher_nuclei", "teacher_student_f1",
+    "area_outlier_share", "solidity_outlier_share", "eccentricity_outlier_share", "morphology_outlier_share",
+    "median_area_px", "median_area_um2", "median_solidity", "median_eccentricity",
+    "overlap_share", "n_layers", "seam_cut_share", "control_cut_share", "seam_excess",
+    "signal_autocorrelation", "qc_score_mean", "qc_score_p10", "n_flagged_tiles", "flagged_tile_share",
+)
+
+
+#: Pixel and object counts a slide pools over its analysed tiles (see `tile_counts`).
+POOLED_COUNTS: tuple[str, ...] = (
+    "fg", "fg_covered", "nuclei_px", "nuclei_on_fg", "seeds", "seeds_in", "tp", "fp", "fn", "teacher", "pixels",
+    "autocorr", "autocorr_px",
+)
+
+
 def format_number(value: Any, digits: int = 6) -> Any:
-    """JSON-ready number: rounded float, int kept, NaN/inf/None -> None."""
+    """JSON-ready number: rounded float, int kept, NaN/inf/None -> None.
+
+    Parameters
+    ----------
+    value : int, float, bool, numpy scalar or None
+    digits : int
+        Decimal places a float is rounded to.
+
+    Returns
+    -------
+    int, float, bool or None
+    """
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)):
@@ -271,12 +309,51 @@ def format_number(value: Any, digits: int = 6) -> Any:
 
 
 def mean_or_none(values: np.ndarray) -> float | None:
+    """Mean of the finite values; None when there is none.
+
+    Parameters
+    ----------
+    values : ndarray of float, shape (n,)
+
+    Returns
+    -------
+    float or None
+    """
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     return float(values.mean()) if values.size else None
 
 
+def share_or_none(flags: np.ndarray, applies: bool = True) -> float | None:
+    """Share of True in ``flags``; None when it does not apply or ``flags`` is empty.
+
+    Parameters
+    ----------
+    flags : ndarray of bool (or 0/1), shape (n,)
+    applies : bool
+        False when the flags were not computed (e.g. no seam lines known).
+
+    Returns
+    -------
+    float in [0, 1] or None
+    """
+    flags = np.asarray(flags).astype(bool)
+    return float(flags.mean()) if applies and flags.size else None
+
+
 def score_summary(scores: np.ndarray) -> dict[str, float | None]:
+    """Mean, 10th and 50th percentile of the finite detection scores and the share below 0.5.
+
+    Parameters
+    ----------
+    scores : ndarray of float, shape (n,)
+        NaN for nuclei without a score.
+
+    Returns
+    -------
+    dict
+        ``score_mean``, ``score_p10``, ``score_p50``, ``score_share_below_0_5`` (None without scores).
+    """
     scores = np.asarray(scores, dtype=np.float64)
     scores = scores[np.isfinite(scores)]
     if scores.size == 0:
@@ -288,3 +365,358 @@ def score_summary(scores: np.ndarray) -> dict[str, float | None]:
         "score_share_below_0_5": float(np.mean(scores < 0.5)),
     }
 
+
+def agreement_summary(agreements: np.ndarray) -> dict[str, float | None]:
+    """Mean head agreement of the nuclei and the share where every head found the nucleus.
+
+    Parameters
+    ----------
+    agreements : ndarray of float, shape (n,)
+        Mean pairwise mask IoU between the model's heads per nucleus; NaN when unknown.
+
+    Returns
+    -------
+    dict
+        ``head_agreement_mean`` and ``head_all_found_share`` (agreement >= `ALL_HEADS_FOUND_IOU`),
+        None without a finite agreement.
+    """
+    finite = np.asarray(agreements, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return {
+        "head_agreement_mean": float(finite.mean()) if finite.size else None,
+        "head_all_found_share": float(np.mean(finite >= ALL_HEADS_FOUND_IOU)) if finite.size else None,
+    }
+
+
+def judge_morphology(
+    objects: dict[str, np.ndarray], k: float, min_nuclei: int
+) -> tuple[dict[str, np.ndarray] | None, dict[str, float] | None, np.ndarray]:
+    """Morphology outliers of a slide's nuclei, judged against the nuclei off the slide border.
+
+    Nuclei cut by the slide's own border are not judged for shape; with fewer than
+    ``min_nuclei`` others there is no reference and no outlier.
+
+    Parameters
+    ----------
+    objects : dict of ndarray, each shape (n,)
+        At least ``area``, ``solidity``, ``eccentricity`` (float) and ``at_border`` (bool).
+    k : float
+        Robust z-score beyond which a nucleus is an outlier (`morphology_outliers`).
+    min_nuclei : int
+
+    Returns
+    -------
+    flags : dict of ndarray of bool, shape (n,), or None
+        As `morphology_outliers` (False for border nuclei); None without a reference.
+    reference : dict of float or None
+        Medians and spreads used.
+    interior : ndarray of bool, shape (n,)
+        The nuclei judged (not touching the slide border).
+    """
+    interior = ~np.asarray(objects["at_border"]).astype(bool)
+    if int(interior.sum()) < min_nuclei:
+        return None, None, interior
+    judged = {name: np.where(interior, objects[name], np.nan) for name in ("area", "solidity", "eccentricity")}
+    flags, reference = morphology_outliers(judged["area"], judged["solidity"], judged["eccentricity"], k)
+    return flags, reference, interior
+
+
+def object_summary(
+    objects: dict[str, np.ndarray], select: np.ndarray, interior: np.ndarray,
+    outlier_flags: dict[str, np.ndarray] | None, seams_known: bool,
+) -> dict[str, float | None]:
+    """Per-nucleus values of one tile, summarised for its record.
+
+    Parameters
+    ----------
+    objects : dict of ndarray, each shape (n,)
+        The slide's nuclei (`OBJECT_COLUMNS`).
+    select : ndarray of bool, shape (n,)
+        The tile's nuclei.
+    interior : ndarray of bool, shape (n,)
+        Nuclei judged for shape (`judge_morphology`).
+    outlier_flags : dict of ndarray of bool, shape (n,), or None
+    seams_known : bool
+        Whether the seam lines were known (else no seam share).
+
+    Returns
+    -------
+    dict
+        `score_summary`, `agreement_summary`, ``morphology_outlier_share``, ``overlap_share``,
+        ``seam_cut_share``.
+    """
+    judged_here = select & interior
+    return {
+        **score_summary(objects["score"][select]),
+        **agreement_summary(objects["agreement"][select]),
+        "morphology_outlier_share": (
+            share_or_none(outlier_flags["any"][judged_here]) if outlier_flags is not None else None
+        ),
+        "overlap_share": mean_or_none(objects["overlap"][select]),
+        "seam_cut_share": share_or_none(objects["seam_cut"][select], seams_known),
+    }
+
+
+def quality_components(record: dict[str, Any]) -> dict[str, float | None]:
+    """The components of a tile's QC score (`tile_qc_score`) from its record.
+
+    Parameters
+    ----------
+    record : dict
+        A tile record with its pixel metrics and `object_summary`.
+
+    Returns
+    -------
+    dict of float or None
+        Keyed like `QC_SCORE_WEIGHTS`; ``morphology_regular_share`` is 1 - the outlier share.
+    """
+    outlier_share = record["morphology_outlier_share"]
+    return {
+        "teacher_student_f1": record["teacher_student_f1"],
+        "seed_recall": record["seed_recall"],
+        "foreground_coverage": record["foreground_coverage"],
+        "foreground_precision": record["foreground_precision"],
+        "score_mean": record["score_mean"],
+        "head_agreement_mean": record["head_agreement_mean"],
+        "morphology_regular_share": None if outlier_share is None else 1.0 - outlier_share,
+    }
+
+
+# =====================================================================================
+# Pixel counts (a tile's, pooled over the slide)
+# =====================================================================================
+
+
+def tile_counts(
+    core_nuclei: np.ndarray, core_foreground: np.ndarray, core_stained: np.ndarray, seeds_inside: int,
+    n_seeds: int, agreement: dict[str, Any], autocorrelation: float | None,
+) -> dict[str, float]:
+    """A tile's pixel and object counts, summed over the slide into its pooled metrics.
+
+    Parameters
+    ----------
+    core_nuclei, core_foreground, core_stained : ndarray of bool, shape (H, W)
+        Nucleus pixels, nuclear foreground and stained pixels of the tile (no halo).
+    seeds_inside, n_seeds : int
+        Teacher seeds of the tile inside some nucleus, and all of them.
+    agreement : dict
+        `teacher_agreement` of the tile (``tp_50``, ``fp_50``, ``fn_50``, ``n_gt``).
+    autocorrelation : float or None
+        `signal_autocorrelation` of the tile's composite.
+
+    Returns
+    -------
+    dict
+        Keyed by `POOLED_COUNTS`; ``autocorr`` is the autocorrelation weighted by the pixel count.
+    """
+    pixels = core_foreground.size
+    return {
+        "fg": int(core_foreground.sum()),
+        "fg_covered": int((core_foreground & core_nuclei).sum()),
+        "nuclei_px": int(core_nuclei.sum()),
+        "nuclei_on_fg": int((core_stained & core_nuclei).sum()),
+        "seeds": n_seeds,
+        "seeds_in": seeds_inside,
+        "tp": agreement["tp_50"],
+        "fp": agreement["fp_50"],
+        "fn": agreement["fn_50"],
+        "teacher": agreement["n_gt"],
+        "pixels": pixels,
+        "autocorr": 0.0 if autocorrelation is None else autocorrelation * pixels,
+        "autocorr_px": 0 if autocorrelation is None else pixels,
+    }
+
+
+def pooled_pixel_metrics(pooled: dict[str, float], n_tiles_analysed: int) -> dict[str, float | None]:
+    """Slide metrics of the pooled tile counts (ratios of sums, not means of tile ratios).
+
+    Parameters
+    ----------
+    pooled : dict
+        Sums of `tile_counts` over the analysed tiles.
+    n_tiles_analysed : int
+
+    Returns
+    -------
+    dict
+        ``foreground_share``, ``foreground_coverage``, ``foreground_precision``, ``n_seeds``,
+        ``seed_recall``, ``teacher_nuclei``, ``teacher_student_f1`` (1 when neither the
+        teacher nor the segmentation found anything on an analysed tile),
+        ``signal_autocorrelation``.
+    """
+    teacher_denominator = 2 * pooled["tp"] + pooled["fp"] + pooled["fn"]
+    return {
+        "foreground_share": pooled["fg"] / pooled["pixels"] if pooled["pixels"] else 0.0,
+        "foreground_coverage": pooled["fg_covered"] / pooled["fg"] if pooled["fg"] else None,
+        "foreground_precision": pooled["nuclei_on_fg"] / pooled["nuclei_px"] if pooled["nuclei_px"] else None,
+        "n_seeds": pooled["seeds"],
+        "seed_recall": pooled["seeds_in"] / pooled["seeds"] if pooled["seeds"] else None,
+        "teacher_nuclei": pooled["teacher"],
+        "teacher_student_f1": (
+            2 * pooled["tp"] / teacher_denominator if teacher_denominator else (1.0 if n_tiles_analysed else None)
+        ),
+        "signal_autocorrelation": pooled["autocorr"] / pooled["autocorr_px"] if pooled["autocorr_px"] else None,
+    }
+
+
+def object_metrics(
+    objects: dict[str, np.ndarray], outlier_flags: dict[str, np.ndarray] | None, interior: np.ndarray,
+    seams_known: bool, pixel_size_um: tuple[float, float] | None,
+) -> dict[str, float | None]:
+    """Slide metrics of the nuclei: scores, agreement, morphology, overlaps and cuts.
+
+    Parameters
+    ----------
+    objects : dict of ndarray, each shape (n,)
+        The slide's nuclei (`OBJECT_COLUMNS`).
+    outlier_flags : dict of ndarray of bool, shape (n,), or None
+        From `judge_morphology`.
+    interior : ndarray of bool, shape (n,)
+        Nuclei judged for shape.
+    seams_known : bool
+        Whether seam and control cuts were computed.
+    pixel_size_um : (float, float) or None
+
+    Returns
+    -------
+    dict
+        Score, head-agreement, outlier-share, median-shape, overlap and seam metrics.
+    """
+    n_nuclei = len(objects["area"])
+    seam_cut = objects["seam_cut"].astype(bool)
+    control_cut = objects["control_cut"].astype(bool)
+    median_area = float(np.median(objects["area"])) if n_nuclei else None
+    metrics: dict[str, float | None] = {**score_summary(objects["score"]), **agreement_summary(objects["agreement"])}
+    for name in ("area", "solidity", "eccentricity", "any"):
+        key = "morphology_outlier_share" if name == "any" else f"{name}_outlier_share"
+        metrics[key] = None if outlier_flags is None else float(outlier_flags[name][interior].mean())
+    metrics.update({
+        "median_area_px": median_area,
+        "median_area_um2": (
+            median_area * pixel_size_um[0] * pixel_size_um[1] if n_nuclei and pixel_size_um is not None else None
+        ),
+        "median_solidity": float(np.median(objects["solidity"])) if n_nuclei else None,
+        "median_eccentricity": float(np.median(objects["eccentricity"])) if n_nuclei else None,
+        "overlap_share": mean_or_none(objects["overlap"]),
+        "seam_cut_share": share_or_none(seam_cut, seams_known),
+        "control_cut_share": share_or_none(control_cut, seams_known),
+        "seam_excess": float(seam_cut.mean() - control_cut.mean()) if seams_known and n_nuclei else None,
+    })
+    return metrics
+
+
+def tile_score_metrics(tiles: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Slide metrics of the analysed tiles' QC scores and flags.
+
+    Parameters
+    ----------
+    tiles : sequence of dict
+        Tile records with ``qc_score`` (float or None) and ``flagged`` (bool).
+
+    Returns
+    -------
+    dict
+        ``qc_score_mean``, ``qc_score_p10``, ``n_flagged_tiles``, ``flagged_tile_share``.
+    """
+    qc_scores = np.asarray([t["qc_score"] for t in tiles if t["qc_score"] is not None], dtype=np.float64)
+    n_flagged = sum(1 for t in tiles if t["flagged"])
+    return {
+        "qc_score_mean": float(qc_scores.mean()) if qc_scores.size else None,
+        "qc_score_p10": float(np.percentile(qc_scores, 10)) if qc_scores.size else None,
+        "n_flagged_tiles": n_flagged,
+        "flagged_tile_share": n_flagged / len(tiles) if tiles else None,
+    }
+
+
+# =====================================================================================
+# Slide reference and objects of a tile
+# =====================================================================================
+
+
+def stained_threshold(overview: np.ndarray, threshold: float) -> float:
+    """Composite level down to which nucleus pixels count as on the nuclear stain.
+
+    Outlines of nuclei fade into the background, so a nucleus pixel is on the stain down to
+    half-way between the background level (median of the composite at or below Otsu's
+    threshold) and Otsu's threshold.
+
+    Parameters
+    ----------
+    overview : ndarray of float32, shape (H, W)
+        Nuclear composite of the slide overview.
+    threshold : float
+        Otsu's threshold of ``overview`` (``inf`` when it is constant).
+
+    Returns
+    -------
+    float
+        ``threshold`` itself when it is not finite.
+    """
+    if not np.isfinite(threshold):
+        return threshold
+    below = overview[overview <= threshold]
+    background_level = float(np.median(below)) if below.size else 0.0
+    return 0.5 * (background_level + threshold)
+
+
+def merge_properties(per_layer: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate the `object_properties` of several label images (e.g. overlap layers), column by column.
+
+    Parameters
+    ----------
+    per_layer : sequence of dict of ndarray
+        At least one; each as `nuclei_app.core.morphology.object_properties` returns.
+
+    Returns
+    -------
+    dict of ndarray, each shape (sum of n,)
+    """
+    return {name: np.concatenate([p[name] for p in per_layer]) for name in per_layer[0]}
+
+
+def centred_in(properties: dict[str, np.ndarray], offset: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """Which objects have their centroid inside ``box`` (each object belongs to one tile).
+
+    Parameters
+    ----------
+    properties : dict of ndarray, each shape (n,)
+        ``centroid_y`` and ``centroid_x`` in the pixels of a window.
+    offset : (int, int)
+        (y, x) of the window's first pixel in the slide.
+    box : (int, int, int, int)
+        (y0, x0, y1, x1) in slide pixels, end exclusive.
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
+    oy, ox = offset
+    y0, x0, y1, x1 = box
+    return (
+        (properties["centroid_y"] + oy >= y0) & (properties["centroid_y"] + oy < y1)
+        & (properties["centroid_x"] + ox >= x0) & (properties["centroid_x"] + ox < x1)
+    )
+
+
+def touching_border(properties: dict[str, np.ndarray], offset: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Which objects touch the slide's border (their shape is cut by it).
+
+    Parameters
+    ----------
+    properties : dict of ndarray, each shape (n,)
+        ``bbox_y0``, ``bbox_x0``, ``bbox_y1``, ``bbox_x1`` in the pixels of a window (end exclusive).
+    offset : (int, int)
+        (y, x) of the window's first pixel in the slide.
+    shape : (int, int)
+        (Y, X) of the slide.
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
+    oy, ox = offset
+    height, width = shape
+    return (
+        (properties["bbox_y0"] + oy <= 0) | (properties["bbox_x0"] + ox <= 0)
+        | (properties["bbox_y1"] + oy >= height) | (properties["bbox_x1"] + ox >= width)
+    )

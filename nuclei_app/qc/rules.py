@@ -10,19 +10,49 @@ from nuclei_app.qc.metrics import format_number
 from nuclei_app.schemas import schema_errors
 
 
-#: (slide metric, threshold prefix in QCThresholds, better direction, reason code)
-STATUS_RULES: tuple[tuple[str, str, str, str], ...] = (
-    ("signal_autocorrelation", "signal_autocorrelation", "higher", "no_nuclear_signal"),
-    ("foreground_coverage", "foreground_coverage", "higher", "low_foreground_coverage"),
-    ("foreground_precision", "foreground_precision", "higher", "low_foreground_precision"),
-    ("seed_recall", "seed_recall", "higher", "low_seed_recall"),
-    ("teacher_student_f1", "teacher_student_f1", "higher", "low_teacher_agreement"),
-    ("score_mean", "score_mean", "higher", "low_detection_scores"),
-    ("head_agreement_mean", "head_agreement", "higher", "low_head_agreement"),
-    ("morphology_outlier_share", "morphology_outlier_share", "lower", "morphology_outliers"),
-    ("seam_excess", "seam_excess", "lower", "seam_artifacts"),
-    ("flagged_tile_share", "flagged_tile_share", "lower", "many_flagged_tiles"),
+#: Rule of each judged metric: metric -> (threshold prefix in QCThresholds, better direction,
+#: reason code). A value worse than ``<prefix>_fail`` fails, worse than ``<prefix>_warn`` warns.
+RULES: dict[str, tuple[str, str, str]] = {
+    "signal_autocorrelation": ("signal_autocorrelation", "higher", "no_nuclear_signal"),
+    "foreground_coverage": ("foreground_coverage", "higher", "low_foreground_coverage"),
+    "foreground_precision": ("foreground_precision", "higher", "low_foreground_precision"),
+    "seed_recall": ("seed_recall", "higher", "low_seed_recall"),
+    "teacher_student_f1": ("teacher_student_f1", "higher", "low_teacher_agreement"),
+    "score_mean": ("score_mean", "higher", "low_detection_scores"),
+    "head_agreement_mean": ("head_agreement", "higher", "low_head_agreement"),
+    "morphology_outlier_share": ("morphology_outlier_share", "lower", "morphology_outliers"),
+    "seam_excess": ("seam_excess", "lower", "seam_artifacts"),
+    "flagged_tile_share": ("flagged_tile_share", "lower", "many_flagged_tiles"),
+}
+
+
+#: Slide metrics judged for the slide's status, in the order their reasons are listed.
+STATUS_METRICS: tuple[str, ...] = (
+    "signal_autocorrelation", "foreground_coverage", "foreground_precision", "seed_recall", "teacher_student_f1",
+    "score_mean", "head_agreement_mean", "morphology_outlier_share", "seam_excess", "flagged_tile_share",
 )
+
+
+#: Tile metrics named in a flagged tile's reasons (against the slide's warn thresholds), in order.
+TILE_METRICS: tuple[str, ...] = (
+    "foreground_coverage", "foreground_precision", "seed_recall", "teacher_student_f1", "score_mean",
+    "head_agreement_mean", "morphology_outlier_share", "signal_autocorrelation",
+)
+
+
+def is_worse(value: float, threshold: float, better: str) -> bool:
+    """Whether ``value`` is worse than ``threshold`` for a metric whose ``better`` is higher | lower.
+
+    Parameters
+    ----------
+    value, threshold : float
+    better : {"higher", "lower"}
+
+    Returns
+    -------
+    bool
+    """
+    return value < threshold if better == "higher" else value > threshold
 
 
 def qc_status(metrics: dict[str, Any], thresholds: QCThresholds = QCThresholds()) -> tuple[str, list[dict[str, Any]]]:
@@ -47,14 +77,14 @@ def qc_status(metrics: dict[str, Any], thresholds: QCThresholds = QCThresholds()
             "code": "no_nuclei", "severity": "fail", "metric": "n_nuclei", "value": 0, "threshold": 1,
             "comparison": "<", "message": "the image has nuclear foreground but the segmentation holds no nucleus",
         })
-    for metric, prefix, better, code in STATUS_RULES:
+    for metric in STATUS_METRICS:
+        prefix, better, code = RULES[metric]
         value = metrics.get(metric)
         if value is None:
             continue
         for severity in ("fail", "warn"):
             threshold = float(getattr(thresholds, f"{prefix}_{severity}"))
-            bad = value < threshold if better == "higher" else value > threshold
-            if bad:
+            if is_worse(value, threshold, better):
                 comparison = "<" if better == "higher" else ">"
                 reasons.append({
                     "code": code, "severity": severity, "metric": metric, "value": format_number(value),
@@ -118,32 +148,40 @@ def load_qc_config(path: str | Path | None) -> QCThresholds:
 
 
 def clean_tile_record(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready copy of a tile record: numbers rounded, NaN -> None, lists and strings kept."""
+    """JSON-ready copy of a tile record: numbers rounded, NaN -> None, lists and strings kept.
+
+    Parameters
+    ----------
+    record : dict
+        Tile record or flagged-tile entry.
+
+    Returns
+    -------
+    dict
+        Same keys, in the same order.
+    """
     return {key: (value if isinstance(value, (list, str)) else format_number(value)) for key, value in record.items()}
 
 
-#: Tile-level components named in a flagged tile's reasons, with their slide thresholds.
-_TILE_RULES = (
-    ("foreground_coverage", "foreground_coverage", "higher", "low_foreground_coverage"),
-    ("foreground_precision", "foreground_precision", "higher", "low_foreground_precision"),
-    ("seed_recall", "seed_recall", "higher", "low_seed_recall"),
-    ("teacher_student_f1", "teacher_student_f1", "higher", "low_teacher_agreement"),
-    ("score_mean", "score_mean", "higher", "low_detection_scores"),
-    ("head_agreement_mean", "head_agreement", "higher", "low_head_agreement"),
-    ("morphology_outlier_share", "morphology_outlier_share", "lower", "morphology_outliers"),
-    ("signal_autocorrelation", "signal_autocorrelation", "higher", "no_nuclear_signal"),
-)
-
-
 def tile_reasons(record: dict[str, Any], thresholds: QCThresholds) -> list[str]:
-    """Codes of the tile metrics worse than their warn thresholds (why the tile is flagged)."""
+    """Codes of the tile metrics worse than their warn thresholds (why the tile is flagged).
+
+    Parameters
+    ----------
+    record : dict
+        A tile record (metrics of `TILE_METRICS`, ``n_nuclei``).
+    thresholds : QCThresholds
+
+    Returns
+    -------
+    list of str
+        ``no_nuclei`` first when the tile holds none, then the codes in `TILE_METRICS` order.
+    """
     codes = []
-    for metric, prefix, better, code in _TILE_RULES:
+    for metric in TILE_METRICS:
+        prefix, better, code = RULES[metric]
         value = record.get(metric)
-        if value is None:
-            continue
-        limit = getattr(thresholds, f"{prefix}_warn")
-        if (value < limit) if better == "higher" else (value > limit):
+        if value is not None and is_worse(value, getattr(thresholds, f"{prefix}_warn"), better):
             codes.append(code)
     if record.get("n_nuclei") == 0:
         codes.insert(0, "no_nuclei")

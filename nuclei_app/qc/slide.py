@@ -32,40 +32,43 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from nuclei_app.provenance import utc_timestamp
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+
 import numpy as np
 from scipy import ndimage as ndi
+
 from nuclei_app import __version__
-from nuclei_app.config import QCThresholds
-from nuclei_app.errors import BadDataError, MissingInputError
-from nuclei_app.core.intensity import signal_autocorrelation
-from nuclei_app.core.intensity import otsu_threshold
-from nuclei_app.core.morphology import object_properties
-from nuclei_app.io.label_source import find_objects_table, open_label_source
-from nuclei_app.qc.metrics import ALL_HEADS_FOUND_IOU, MATCH_IOU, MIN_FOREGROUND_SHARE, QC_SCORE_WEIGHTS, TEACHER_MIN_FOREGROUND, mean_or_none, format_number, score_summary, foreground_coverage, foreground_precision, morphology_outliers, nuclear_foreground, overlapping_ids, seed_points, straight_cut_ids, teacher_agreement, tile_qc_score
-from nuclei_app.qc.overlays import overlay_png, overlay_dir_for
-from nuclei_app.qc.rules import clean_tile_record, tile_reasons, load_qc_config, qc_status
-from nuclei_app.core.intensity import nuclear_composite
-from nuclei_app.core.tiling import make_tile_grid
-from nuclei_app.core.weak import weak_labels
-from nuclei_app.core.metrics import iou_matrix
-from nuclei_app.provenance import path_sha256
-from nuclei_app.io.slides import channel_percentiles, open_slide
-from nuclei_app.core.intensity import normalise_intensities
-from nuclei_app.core.channels import select_nuclear_channels
-from nuclei_app.segment.record import read_run_record
-from nuclei_app.segment.pipeline import resolve_channels
-from nuclei_app.core.weak import estimate_nucleus_diameter
-from nuclei_app.schemas import schema_errors
 from nuclei_app.atomic import atomic_directory, atomic_write_json
-from nuclei_app.errors import CannotCreateOutputError
+from nuclei_app.config import QCThresholds
+from nuclei_app.core.channels import select_nuclear_channels
+from nuclei_app.core.intensity import nuclear_composite, normalise_intensities, otsu_threshold, signal_autocorrelation
+from nuclei_app.core.metrics import iou_matrix
+from nuclei_app.core.morphology import object_properties
+from nuclei_app.core.tiling import make_tile_grid, qc_tile_edges
+from nuclei_app.core.weak import estimate_nucleus_diameter, weak_labels
+from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError
+from nuclei_app.io.label_source import LabelSource, find_objects_table, open_label_source
+from nuclei_app.io.slides import channel_percentiles, open_slide
 from nuclei_app.io.tables import read_nuclei_table
-from nuclei_app.core.tiling import qc_tile_edges
+from nuclei_app.provenance import path_sha256, utc_timestamp
+from nuclei_app.qc.metrics import (
+    MATCH_IOU, MIN_FOREGROUND_SHARE, OBJECT_COLUMNS, POOLED_COUNTS, QC_SCORE_WEIGHTS, SLIDE_METRICS, TEACHER_MIN_FOREGROUND,
+    centred_in, foreground_coverage, foreground_precision, format_number, judge_morphology, merge_properties,
+    nuclear_foreground, object_metrics, object_summary, overlapping_ids, pooled_pixel_metrics, quality_components,
+    seed_points, stained_threshold, straight_cut_ids, teacher_agreement, tile_counts, tile_qc_score,
+    tile_score_metrics, touching_border,
+)
+from nuclei_app.qc.overlays import overlay_dir_for, overlay_png
+from nuclei_app.qc.rules import clean_tile_record, load_qc_config, qc_status, tile_reasons
+from nuclei_app.schemas import schema_errors
+from nuclei_app.segment.pipeline import resolve_channels
+from nuclei_app.segment.record import read_run_record
 
 
 #: File name ending of a per-slide QC report in a BIDS derivative.
@@ -75,20 +78,58 @@ QC_SUFFIX = "_desc-nuclei_qc.json"
 SCHEMA_VERSION = "1.0"
 
 
+#: Stages whose wall-clock seconds the report's ``timings`` lists (then ``total_seconds``).
+TIMED_STAGES: tuple[str, ...] = ("prepare", "metrics", "overlay", "read", "teacher", "model", "provenance")
+
+
 class InvalidQCReportError(RuntimeError):
     """The QC report does not match its schema: a bug in nuclei-app, never a user error."""
 
 
+class Stopwatch:
+    """Wall-clock seconds per named stage, summed over every time the stage runs."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the time spent in the ``with`` block to stage ``name``."""
+        clock = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - clock
+
+    def timings(self) -> dict[str, float]:
+        """``<stage>_seconds`` of every `TIMED_STAGES` (0 when it did not run) and ``total_seconds``, rounded to ms."""
+        timings = {f"{name}_seconds": self.seconds.get(name, 0.0) for name in TIMED_STAGES}
+        timings["total_seconds"] = time.monotonic() - self.started
+        return {key: round(value, 3) for key, value in timings.items()}
+
+
+# ------------------------------------------------------------------------- inputs
+
+
 @dataclass
 class _ObjectLookup:
-    """Per-label values from the nuclei table, looked up by id."""
+    """Per-label values from the nuclei table, looked up by id.
+
+    Attributes
+    ----------
+    labels : ndarray of int64, shape (n,)
+        The table's label ids, sorted.
+    columns : dict of ndarray, each shape (n,)
+        Every column of the table, in the order of ``labels``.
+    """
 
     labels: np.ndarray
     columns: dict[str, np.ndarray]
 
     @classmethod
     def from_table(cls, path: Path) -> "_ObjectLookup":
-
+        """Read the per-nucleus TSV written by segment (`BadDataError` when unreadable)."""
         try:
             columns = read_nuclei_table(path)
         except (OSError, ValueError, IndexError) as error:
@@ -99,7 +140,7 @@ class _ObjectLookup:
         return cls(columns["label"][order], {name: values[order] for name, values in columns.items()})
 
     def get(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Values of column ``name`` for ``ids`` (NaN for ids or columns the table lacks)."""
+        """Values of column ``name`` for ``ids`` (float64, shape of ``ids``; NaN for ids or columns the table lacks)."""
         ids = np.asarray(ids, dtype=np.int64)
         result = np.full(ids.shape, np.nan)
         if name not in self.columns or self.labels.size == 0:
@@ -110,9 +151,95 @@ class _ObjectLookup:
         return result
 
 
-def _overview(slide: Any, channels: list[int], percentiles: np.ndarray) -> tuple[np.ndarray, int]:
-    """Composite of the smallest pyramid level with >= 1 MP (bounded to ~16 MP by sampling windows)."""
+@dataclass
+class QCInputs:
+    """The segmentation to judge, the slide it was made from, and what segment recorded beside it.
 
+    Attributes
+    ----------
+    labels_path, image_path : Path
+    source : LabelSource
+        The label image(s), read region by region.
+    run_record : dict or None
+        The segmentation store's completion record (None for a label TIFF).
+    table_file : Path or None
+        The per-nucleus TSV (given, or found beside the labels).
+    lookup : _ObjectLookup or None
+        The table's per-nucleus values (None when there is no table or a model rescores).
+    """
+
+    labels_path: Path
+    image_path: Path
+    source: LabelSource
+    run_record: dict | None
+    table_file: Path | None
+    lookup: _ObjectLookup | None
+
+
+def open_qc_inputs(
+    labels_path: str | Path, image_path: str | Path, table_path: str | Path | None, model_dir: str | Path | None
+) -> QCInputs:
+    """Open the labels, find the run record and the nuclei table (`MissingInputError` when missing)."""
+    labels_path, image_path = Path(labels_path), Path(image_path)
+    if not image_path.exists():
+        raise MissingInputError("image not found; give the slide the labels were made from", image_path)
+    source = open_label_source(labels_path)
+    run_record = read_run_record(source.store) if source.store is not None else None
+    table_file = Path(table_path) if table_path is not None else find_objects_table(labels_path, run_record)
+    if table_path is not None and not table_file.is_file():
+        raise MissingInputError("nuclei table not found; give the TSV written by segment", table_file)
+    lookup = _ObjectLookup.from_table(table_file) if (table_file is not None and model_dir is None) else None
+    return QCInputs(labels_path, image_path, source, run_record, table_file, lookup)
+
+
+def _check_same_shape(slide: Any, inputs: QCInputs) -> None:
+    """`BadDataError` when the labels are not the slide's (Y, X) shape."""
+    _, height, width = slide.shape
+    if (height, width) != tuple(inputs.source.shape):
+        raise BadDataError(
+            f"labels shape {tuple(inputs.source.shape)} differs from image shape {(height, width)} (Y, X); "
+            "give the labels made from this image",
+            inputs.labels_path,
+        )
+
+
+def _open_model_and_channels(
+    slide: Any, inputs: QCInputs, model_dir: str | Path | None, device: str,
+    score_threshold: float | None, nuclear_channels: str | Sequence[str] | None,
+) -> tuple[Any, list[int]]:
+    """The model's predictor (None without ``model_dir``) and the slide channels to judge."""
+    if model_dir is None:
+        return None, select_nuclear_channels(slide.channel_names, nuclear_channels, inputs.image_path)
+    from nuclei_app.model.device import resolve_device
+    from nuclei_app.model.predictor import load_predictor
+
+    predictor = load_predictor(model_dir, device=resolve_device(device), pixel_size_um=slide.pixel_size_um,
+                               score_threshold=score_threshold)
+    return predictor, resolve_channels(slide, predictor, nuclear_channels)
+
+
+# ------------------------------------------------------------------------- the slide reference
+
+
+def _overview(slide: Any, channels: list[int], percentiles: np.ndarray) -> tuple[np.ndarray, int]:
+    """Nuclear composite of the slide at a small scale, and the pyramid level it was read from.
+
+    The smallest pyramid level with at least 1 MP; when that level is over 16 MP, a 4 x 4
+    grid of 1024 px windows of it, stitched together.
+
+    Parameters
+    ----------
+    slide : nuclei_app.io.slides.Slide
+    channels : list of int
+        Nuclear channels.
+    percentiles : ndarray, shape (C, 2)
+        Whole-slide normalisation.
+
+    Returns
+    -------
+    overview : ndarray of float32, shape (h, w)
+    level : int
+    """
     level = 0
     for candidate in range(slide.n_levels - 1, -1, -1):
         _, size_y, size_x = slide.level_shapes[candidate]
@@ -137,7 +264,22 @@ def _overview(slide: Any, channels: list[int], percentiles: np.ndarray) -> tuple
 
 
 def _diameter_window(slide: Any, overview: np.ndarray, level: int, threshold: float) -> tuple[int, int, int, int]:
-    """Level-0 window (y0, x0, h, w) of at most 1024 px around the most nucleus-rich area."""
+    """Level-0 window (y0, x0, h, w) of at most 1024 px around the most nucleus-rich area.
+
+    Parameters
+    ----------
+    slide : nuclei_app.io.slides.Slide
+    overview : ndarray of float32, shape (h, w)
+        From `_overview`.
+    level : int
+        The pyramid level of ``overview``.
+    threshold : float
+        Foreground threshold of the composite.
+
+    Returns
+    -------
+    (int, int, int, int)
+    """
     _, height, width = slide.shape
     side = 1024
     if height <= 2 * side and width <= 2 * side:
@@ -153,7 +295,25 @@ def _diameter_window(slide: Any, overview: np.ndarray, level: int, threshold: fl
 def _seam_lines(
     shape: tuple[int, int], thresholds: QCThresholds, run_record: dict | None
 ) -> tuple[dict[str, list[int]] | None, str | None, int | None]:
-    """Seam lines of the segmentation's tile grid (rows, cols) and control lines half a stride away."""
+    """Seam lines of the segmentation's tile grid and control lines half a stride away.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        (Y, X) of the slide.
+    thresholds : QCThresholds
+        ``seam_stride_px`` > 0 sets the grid; else it comes from the run record.
+    run_record : dict or None
+        The segmentation's completion record (its ``tile`` and ``overlap`` parameters).
+
+    Returns
+    -------
+    seams : dict of list of int, or None
+        ``seam_rows``, ``seam_cols``, ``control_rows``, ``control_cols`` (level-0 line
+        positions); None when the grid is unknown.
+    source : {"config", "run_record"} or None
+    stride : int or None
+    """
     height, width = shape
     if thresholds.seam_stride_px > 0:
         stride = thresholds.seam_stride_px
@@ -164,7 +324,6 @@ def _seam_lines(
         parameters = (run_record or {}).get("parameters") or {}
         if not isinstance(parameters.get("tile"), int) or not isinstance(parameters.get("overlap"), int):
             return None, None, None
-
         grid = make_tile_grid((height, width), parameters["tile"], parameters["overlap"])
         rows, cols, stride = list(grid.row_edges[1:-1]), list(grid.col_edges[1:-1]), grid.stride
         source = "run_record"
@@ -181,32 +340,98 @@ def _seam_lines(
     )
 
 
-def _lines_in(lines: list[int], start: int, stop: int) -> list[int]:
-    """Line positions p with start < p < stop (both neighbouring pixels inside the region)."""
-    return [p - start for p in lines if start < p < stop]
-
-
 @dataclass
-class QCResult:
-    """What `write_qc_report` wrote.
+class SlideReference:
+    """What every tile of a slide is judged against, computed once per slide.
 
     Attributes
     ----------
-    report : dict
-        The schema-valid report (also written to ``path``).
-    path : Path
-        The QC JSON.
-    overlay_dir : Path or None
-        Folder of the overlay PNGs (None when no tile was drawn).
+    shape : (int, int)
+        (Y, X) of the slide, level 0.
+    channels : list of int
+        The nuclear channels judged.
+    channel_names : list of str
+        Their names.
+    percentiles : ndarray of float, shape (C, 2)
+        Whole-slide normalisation of ``channels``.
+    pixel_size : (float, float) or None
+        µm per pixel (Y, X).
+    foreground_threshold : float
+        Otsu's threshold of the overview composite (``inf``: no foreground).
+    precision_threshold : float
+        `stained_threshold` of the overview: nucleus pixels above it count as on the stain
+        (``foreground_precision``).
+    diameter : float
+        Nucleus diameter estimated for the slide, pixels.
+    halo : int
+        Pixels read around every tile (objects are judged whole).
+    min_run : int
+        Run length (pixels) of a straight cut along a seam.
+    seams : dict or None
+        `_seam_lines`; ``seam_source`` and ``seam_stride`` say where they came from.
     """
 
-    report: dict[str, Any]
-    path: Path
-    overlay_dir: Path | None
+    shape: tuple[int, int]
+    channels: list[int]
+    channel_names: list[str]
+    percentiles: np.ndarray
+    pixel_size: tuple[float, float] | None
+    foreground_threshold: float
+    precision_threshold: float
+    diameter: float
+    halo: int
+    min_run: int
+    seams: dict[str, list[int]] | None
+    seam_source: str | None
+    seam_stride: int | None
 
-    @property
-    def status(self) -> str:
-        return self.report["status"]
+
+def slide_reference(
+    slide: Any, channels: list[int], thresholds: QCThresholds, run_record: dict | None
+) -> SlideReference:
+    """Normalisation, foreground thresholds, nucleus size and seam lines of a slide.
+
+    Parameters
+    ----------
+    slide : nuclei_app.io.slides.Slide
+    channels : list of int
+        Nuclear channels.
+    thresholds : QCThresholds
+    run_record : dict or None
+        The segmentation's completion record (seam lines).
+
+    Returns
+    -------
+    SlideReference
+    """
+    _, height, width = slide.shape
+    percentiles = channel_percentiles(slide, channels)
+    overview, overview_level = _overview(slide, channels, percentiles)
+    threshold = otsu_threshold(overview)
+    wy0, wx0, wh, ww = _diameter_window(slide, overview, overview_level, threshold)
+    diameter = float(estimate_nucleus_diameter(
+        nuclear_composite(slide.read_region(wy0, wx0, wh, ww, channels=channels), percentiles),
+        slide.pixel_size_um,
+    ))
+    seams, seam_source, seam_stride = _seam_lines((height, width), thresholds, run_record)
+    return SlideReference(
+        shape=(height, width),
+        channels=list(channels),
+        channel_names=[slide.channel_names[i] for i in channels],
+        percentiles=percentiles,
+        pixel_size=slide.pixel_size_um,
+        foreground_threshold=threshold,
+        precision_threshold=stained_threshold(overview, threshold),
+        diameter=diameter,
+        halo=int(np.clip(math.ceil(2.0 * diameter), 16, 128)),
+        min_run=max(5, int(round(0.6 * diameter))),
+        seams=seams,
+        seam_source=seam_source,
+        seam_stride=seam_stride,
+    )
+
+
+# ------------------------------------------------------------------------- tiles
 
 
 def teacher_labels(
@@ -291,18 +516,535 @@ def rescore_with_model(labels: np.ndarray, ids: np.ndarray, predicted: Any) -> t
 
 def _cut_flags(
     sources: list[np.ndarray], ids: np.ndarray, seams: dict[str, list[int]] | None, kind: str,
-    region: tuple[int, int, int, int], min_run: int,
+    window: tuple[int, int, int, int], min_run: int,
 ) -> np.ndarray:
-    """Which of ``ids`` run straight along a ``kind`` ("seam" or "control") line inside ``region``."""
+    """Which of ``ids`` run straight along a ``kind`` line (`straight_cut_ids`) inside ``window``.
+
+    Parameters
+    ----------
+    sources : list of ndarray of int, each shape (h, w)
+        The window's label images (overlap layers, or the flat view).
+    ids : ndarray of int, shape (n,)
+    seams : dict or None
+        `_seam_lines` (None: nothing is cut).
+    kind : {"seam", "control"}
+    window : (int, int, int, int)
+        (y0, x0, y1, x1) of the label images in slide pixels.
+    min_run : int
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
     flags = np.zeros(len(ids), dtype=bool)
     if seams is None:
         return flags
-    y0, x0, y1, x1 = region
+    y0, x0, y1, x1 = window
+    rows = [p - y0 for p in seams[f"{kind}_rows"] if y0 < p < y1]  # both neighbouring pixels inside
+    cols = [p - x0 for p in seams[f"{kind}_cols"] if x0 < p < x1]
     cut: list[np.ndarray] = []
     for labels in sources:
-        cut += [straight_cut_ids(labels, 0, p, min_run) for p in _lines_in(seams[f"{kind}_rows"], y0, y1)]
-        cut += [straight_cut_ids(labels, 1, p, min_run) for p in _lines_in(seams[f"{kind}_cols"], x0, x1)]
+        cut += [straight_cut_ids(labels, 0, p, min_run) for p in rows]
+        cut += [straight_cut_ids(labels, 1, p, min_run) for p in cols]
     return np.isin(ids, np.concatenate(cut)) if cut else flags
+
+
+def _overlap_flags(ids: np.ndarray, layers: list[np.ndarray], lookup: _ObjectLookup | None) -> np.ndarray:
+    """1.0 for nuclei that overlap another, 0.0 for the others, NaN when unknown.
+
+    From the overlap layers when there are some, else from the table's
+    ``n_overlapping_neighbours``.
+
+    Parameters
+    ----------
+    ids : ndarray of int, shape (n,)
+    layers : list of ndarray of int, each shape (h, w)
+    lookup : _ObjectLookup or None
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+    """
+    if layers:
+        return np.isin(ids, overlapping_ids(layers)).astype(np.float64)
+    if lookup is not None:
+        neighbours = lookup.get("n_overlapping_neighbours", ids)
+        return np.where(np.isfinite(neighbours), (neighbours > 0).astype(np.float64), np.nan)
+    return np.full(len(ids), np.nan)
+
+
+@dataclass
+class TileView:
+    """One QC tile of the slide, read with a halo so that the nuclei on its edge are whole.
+
+    Attributes
+    ----------
+    index : int
+        Position in the QC tile grid (row-major).
+    box : (int, int, int, int)
+        (y0, x0, y1, x1) of the tile in slide pixels (end exclusive).
+    window : (int, int, int, int)
+        (y0, x0, y1, x1) of the tile with its halo, clipped to the slide.
+    raw : ndarray, shape (C, h, w)
+        Nuclear channels of the window (raw intensities).
+    flat : ndarray of uint32, shape (h, w)
+        Flattened view of the segmentation in the window.
+    layers : list of ndarray of uint32, each shape (h, w)
+        Overlap layers in the window (empty when the segmentation has none).
+    """
+
+    index: int
+    box: tuple[int, int, int, int]
+    window: tuple[int, int, int, int]
+    raw: np.ndarray
+    flat: np.ndarray
+    layers: list[np.ndarray]
+
+    @property
+    def core(self) -> tuple[slice, slice]:
+        """The tile without its halo, as slices of the window's arrays."""
+        y0, x0, y1, x1 = self.box
+        return slice(y0 - self.window[0], y1 - self.window[0]), slice(x0 - self.window[1], x1 - self.window[1])
+
+
+def qc_tile_boxes(shape: tuple[int, int], tile_size: int) -> list[tuple[int, int, int, int]]:
+    """The QC tile grid (`qc_tile_edges`) as (y0, x0, y1, x1) boxes in row-major order."""
+    row_edges = qc_tile_edges(shape[0], tile_size)
+    col_edges = qc_tile_edges(shape[1], tile_size)
+    return [
+        (y0, x0, y1, x1)
+        for y0, y1 in zip(row_edges[:-1], row_edges[1:])
+        for x0, x1 in zip(col_edges[:-1], col_edges[1:])
+    ]
+
+
+def read_tile(slide: Any, source: LabelSource, index: int, box: tuple[int, int, int, int],
+              reference: SlideReference) -> TileView:
+    """Read one QC tile of the slide and the segmentation, with the reference's halo."""
+    y0, x0, y1, x1 = box
+    height, width = reference.shape
+    halo = reference.halo
+    hy0, hx0, hy1, hx1 = max(0, y0 - halo), max(0, x0 - halo), min(height, y1 + halo), min(width, x1 + halo)
+    raw = slide.read_region(hy0, hx0, hy1 - hy0, hx1 - hx0, channels=reference.channels)
+    flat = source.read(source.flat, hy0, hx0, hy1, hx1)
+    layers = [source.read(layer, hy0, hx0, hy1, hx1) for layer in source.layers]
+    return TileView(index, box, (hy0, hx0, hy1, hx1), raw, flat, layers)
+
+
+def tile_objects(
+    tile: TileView, reference: SlideReference, lookup: _ObjectLookup | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The nuclei whose centroid lies in the tile, with their shape, overlap and cut flags.
+
+    Objects come from the overlap layers (full masks) when present, else the flat view.
+
+    Parameters
+    ----------
+    tile : TileView
+    reference : SlideReference
+    lookup : _ObjectLookup or None
+        The nuclei table (overlaps when the segmentation has no layers).
+
+    Returns
+    -------
+    ids : ndarray of int64, shape (n,)
+    columns : dict of ndarray, each shape (n,)
+        ``area``, ``solidity``, ``eccentricity`` (float64), ``overlap`` (float64, NaN:
+        unknown), ``seam_cut``, ``control_cut`` and ``at_border`` (bool).
+    """
+    sources = tile.layers if tile.layers else [tile.flat]
+    properties = merge_properties([object_properties(labels) for labels in sources])
+    offset = tile.window[:2]
+    keep = centred_in(properties, offset, tile.box)
+    ids = properties["label"][keep]
+    seams, min_run = reference.seams, reference.min_run
+    return ids, {
+        "area": properties["area"][keep],
+        "solidity": properties["solidity"][keep],
+        "eccentricity": properties["eccentricity"][keep],
+        "overlap": _overlap_flags(ids, tile.layers, lookup),
+        "seam_cut": _cut_flags(sources, ids, seams, "seam", tile.window, min_run),
+        "control_cut": _cut_flags(sources, ids, seams, "control", tile.window, min_run),
+        "at_border": touching_border(properties, offset, reference.shape)[keep],
+    }
+
+
+def tile_scores(
+    tile: TileView, ids: np.ndarray, predictor: Any, lookup: _ObjectLookup | None, percentiles: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Detection score and head agreement of the tile's nuclei (float64, shape (n,) each).
+
+    From the model's heads rerun on the tile (`rescore_with_model`) when there is a
+    predictor, else from the nuclei table, else NaN.
+    """
+    if predictor is not None:
+        predicted = predictor.predict_batch([normalise_intensities(tile.raw, percentiles)])[0]
+        return rescore_with_model(tile.flat, ids, predicted)
+    if lookup is not None:
+        return lookup.get("score", ids), lookup.get("head_agreement", ids)
+    return np.full(len(ids), np.nan), np.full(len(ids), np.nan)
+
+
+def _seeds_in_core(teacher: np.ndarray, core: tuple[slice, slice]) -> np.ndarray:
+    """`seed_points` of the teacher's objects that lie in the tile's core, shape (n, 2) (window pixels)."""
+    seeds = seed_points(teacher)
+    in_core = (
+        (seeds[:, 0] >= core[0].start) & (seeds[:, 0] < core[0].stop)
+        & (seeds[:, 1] >= core[1].start) & (seeds[:, 1] < core[1].stop)
+    )
+    return seeds[in_core]
+
+
+def tile_geometry(index: int, box: tuple[int, int, int, int], pixel_size: tuple[float, float] | None) -> dict[str, Any]:
+    """A tile record's position and size, in pixels and (None without a pixel size) in µm."""
+    y0, x0, y1, x1 = box
+    return {
+        "index": index,
+        "y0": y0, "x0": x0, "height": y1 - y0, "width": x1 - x0,
+        "y0_um": None if pixel_size is None else y0 * pixel_size[0],
+        "x0_um": None if pixel_size is None else x0 * pixel_size[1],
+        "height_um": None if pixel_size is None else (y1 - y0) * pixel_size[0],
+        "width_um": None if pixel_size is None else (x1 - x0) * pixel_size[1],
+    }
+
+
+@dataclass
+class TileAnalysis:
+    """What one analysed QC tile contributes to its slide.
+
+    Attributes
+    ----------
+    record : dict
+        The tile's position and pixel metrics (the report's tile record, before `finish_tile_records`).
+    objects : dict of ndarray, each shape (n,)
+        The tile's nuclei: `OBJECT_COLUMNS` but ``tile``.
+    counts : dict
+        `tile_counts`, pooled over the slide.
+    """
+
+    record: dict[str, Any]
+    objects: dict[str, np.ndarray]
+    counts: dict[str, float]
+
+
+def analyse_tile(
+    tile: TileView, reference: SlideReference, lookup: _ObjectLookup | None, predictor: Any, watch: Stopwatch
+) -> TileAnalysis | None:
+    """Pixel metrics, teacher agreement and nuclei of one QC tile; None for an empty tile.
+
+    A tile is empty (not analysed) when it holds no nucleus and less than
+    `MIN_FOREGROUND_SHARE` of nuclear foreground.
+
+    Parameters
+    ----------
+    tile : TileView
+    reference : SlideReference
+    lookup : _ObjectLookup or None
+        The nuclei table (scores, head agreement, overlaps).
+    predictor : NucleiPredictor or None
+        Rescores the nuclei when given.
+    watch : Stopwatch
+        Receives the ``metrics``, ``teacher`` and ``model`` seconds.
+
+    Returns
+    -------
+    TileAnalysis or None
+    """
+    core = tile.core
+    with watch.stage("metrics"):
+        composite = nuclear_composite(tile.raw, reference.percentiles)
+        foreground = nuclear_foreground(composite, reference.foreground_threshold)
+        core_fg, core_flat = foreground[core], tile.flat[core]
+        fg_share = float(core_fg.mean())
+        if not core_flat.any() and fg_share < MIN_FOREGROUND_SHARE:
+            return None
+        stained = nuclear_foreground(composite, reference.precision_threshold)[core]
+        autocorr = signal_autocorrelation(composite[core])
+    with watch.stage("teacher"):
+        teacher = teacher_labels(tile.raw, foreground, reference.diameter, reference.percentiles, reference.pixel_size)
+    with watch.stage("metrics"):
+        agreement = teacher_agreement(core_flat, teacher[core])
+        seeds = _seeds_in_core(teacher, core)
+        ids, objects = tile_objects(tile, reference, lookup)
+    with watch.stage("model"):
+        objects["score"], objects["agreement"] = tile_scores(tile, ids, predictor, lookup, reference.percentiles)
+
+    nuclei = tile.flat != 0
+    core_nuclei = nuclei[core]
+    seeds_inside = int(nuclei[seeds[:, 0], seeds[:, 1]].sum()) if len(seeds) else 0
+    pixel_size = reference.pixel_size
+    y0, x0, y1, x1 = tile.box
+    area_mm2 = None if pixel_size is None else (y1 - y0) * (x1 - x0) * pixel_size[0] * pixel_size[1] / 1e6
+    n_objects = int(ids.size)
+    record = {
+        **tile_geometry(tile.index, tile.box, pixel_size),
+        "n_nuclei": n_objects,
+        "density_per_mm2": None if area_mm2 is None else n_objects / area_mm2,
+        "foreground_share": fg_share,
+        "foreground_coverage": foreground_coverage(core_nuclei, core_fg),
+        "foreground_precision": foreground_precision(core_nuclei, stained),
+        "n_seeds": int(len(seeds)),
+        "seed_recall": None if len(seeds) == 0 else seeds_inside / len(seeds),
+        "teacher_nuclei": int(agreement["n_gt"]),
+        "teacher_student_f1": float(agreement["f1_50"]),
+        "signal_autocorrelation": autocorr,
+    }
+    counts = tile_counts(core_nuclei, core_fg, stained, seeds_inside, len(seeds), agreement, autocorr)
+    return TileAnalysis(record, objects, counts)
+
+
+def analyse_tiles(
+    slide: Any, inputs: QCInputs, reference: SlideReference, predictor: Any,
+    boxes: list[tuple[int, int, int, int]], watch: Stopwatch,
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, float]]:
+    """Read and analyse every QC tile (memory: one tile with its halo at a time).
+
+    Parameters
+    ----------
+    slide : nuclei_app.io.slides.Slide
+    inputs : QCInputs
+    reference : SlideReference
+    predictor : NucleiPredictor or None
+    boxes : list of (int, int, int, int)
+        The QC tile grid (`qc_tile_boxes`).
+    watch : Stopwatch
+
+    Returns
+    -------
+    tiles : list of dict
+        Records of the analysed (non-empty) tiles, in grid order.
+    objects : dict of ndarray, each shape (n,)
+        Every analysed nucleus (`OBJECT_COLUMNS`; ``tile`` indexes ``tiles``).
+    pooled : dict
+        Sums of the tiles' `tile_counts`.
+    """
+    tiles: list[dict[str, Any]] = []
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in OBJECT_COLUMNS}
+    pooled: dict[str, float] = dict.fromkeys(POOLED_COUNTS, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # weak labels on empty tiles warn
+        for index, box in enumerate(boxes):
+            with watch.stage("read"):
+                tile = read_tile(slide, inputs.source, index, box, reference)
+            analysis = analyse_tile(tile, reference, inputs.lookup, predictor, watch)
+            if analysis is None:
+                continue
+            analysis.objects["tile"] = np.full(len(analysis.objects["area"]), len(tiles))
+            for name in OBJECT_COLUMNS:
+                columns[name].append(np.asarray(analysis.objects[name]))
+            for key in POOLED_COUNTS:
+                pooled[key] += analysis.counts[key]
+            tiles.append(analysis.record)
+    objects = {name: (np.concatenate(values) if values else np.zeros(0)) for name, values in columns.items()}
+    return tiles, objects, pooled
+
+
+# ------------------------------------------------------------------------- the slide
+
+
+def finish_tile_records(
+    tiles: list[dict[str, Any]], objects: dict[str, np.ndarray], outlier_flags: dict[str, np.ndarray] | None,
+    interior: np.ndarray, seams_known: bool, thresholds: QCThresholds,
+) -> None:
+    """Add to each tile record its nuclei's `object_summary`, QC score, flag and reasons (in place).
+
+    Parameters
+    ----------
+    tiles : list of dict
+        From `analyse_tiles`.
+    objects : dict of ndarray, each shape (n,)
+        The slide's nuclei (``tile`` indexes ``tiles``).
+    outlier_flags : dict of ndarray of bool, shape (n,), or None
+    interior : ndarray of bool, shape (n,)
+        From `judge_morphology`.
+    seams_known : bool
+    thresholds : QCThresholds
+        ``flag_tile_score_below`` and the warn thresholds (reasons).
+    """
+    tile_of = objects["tile"].astype(np.int64)
+    for t, record in enumerate(tiles):
+        record.update(object_summary(objects, tile_of == t, interior, outlier_flags, seams_known))
+        record["qc_score"] = tile_qc_score(quality_components(record))
+        record["flagged"] = record["qc_score"] is not None and record["qc_score"] < thresholds.flag_tile_score_below
+        record["flag_reasons"] = tile_reasons(record, thresholds) if record["flagged"] else []
+
+
+def slide_metrics(
+    n_tiles: int, tiles: list[dict[str, Any]], objects: dict[str, np.ndarray], pooled: dict[str, float],
+    outlier_flags: dict[str, np.ndarray] | None, interior: np.ndarray, reference: SlideReference,
+    n_layers: int | None,
+) -> dict[str, Any]:
+    """The report's ``slide`` object: every metric of `SLIDE_METRICS`, JSON-ready.
+
+    Parameters
+    ----------
+    n_tiles : int
+        Tiles of the QC grid, analysed or empty.
+    tiles : list of dict
+        Finished records of the analysed tiles.
+    objects : dict of ndarray, each shape (n,)
+        The slide's nuclei.
+    pooled : dict
+        Pooled `tile_counts`.
+    outlier_flags, interior
+        From `judge_morphology`.
+    reference : SlideReference
+    n_layers : int or None
+        Overlap layers of the segmentation (None without).
+
+    Returns
+    -------
+    dict
+    """
+    n_nuclei = len(objects["tile"])
+    pixel_size = reference.pixel_size
+    analysed_mm2 = None
+    if pixel_size is not None:
+        analysed_mm2 = sum(t["height"] * t["width"] for t in tiles) * pixel_size[0] * pixel_size[1] / 1e6
+    values = {
+        "n_tiles": n_tiles,
+        "n_tiles_analysed": len(tiles),
+        "n_tiles_empty": n_tiles - len(tiles),
+        "n_nuclei": n_nuclei,
+        "density_per_mm2": None if not analysed_mm2 else n_nuclei / analysed_mm2,
+        "n_layers": n_layers,
+        **pooled_pixel_metrics(pooled, len(tiles)),
+        **object_metrics(objects, outlier_flags, interior, reference.seams is not None, pixel_size),
+        **tile_score_metrics(tiles),
+    }
+    return {key: format_number(values[key]) for key in SLIDE_METRICS}
+
+
+# ------------------------------------------------------------------------- flagged tiles
+
+
+def overlay_name(record: dict[str, Any]) -> str:
+    """File name of a tile's overlay PNG: ``tile-<y0>-<x0>.png``."""
+    return f"tile-{record['y0']}-{record['x0']}.png"
+
+
+def rank_flagged_tiles(tiles: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The flagged tile records, worst QC score first (ties: grid order), at most ``limit``."""
+    flagged = sorted((t for t in tiles if t["flagged"]), key=lambda t: (t["qc_score"], t["index"]))
+    return flagged[:limit]
+
+
+def draw_overlays(
+    image_path: Path, source: LabelSource, tiles: list[dict[str, Any]], reference: SlideReference
+) -> dict[str, bytes]:
+    """PNG overlays (`overlay_png`) of the given tile records, by `overlay_name`."""
+    overlays: dict[str, bytes] = {}
+    if not tiles:
+        return overlays
+    with open_slide(image_path) as slide:
+        for record in tiles:
+            y0, x0, h, w = record["y0"], record["x0"], record["height"], record["width"]
+            composite = nuclear_composite(
+                slide.read_region(y0, x0, h, w, channels=reference.channels), reference.percentiles
+            )
+            labels = source.read(source.flat, y0, x0, y0 + h, x0 + w)
+            overlays[overlay_name(record)] = overlay_png(composite, labels)
+    return overlays
+
+
+def flagged_tile_entries(
+    flagged: list[dict[str, Any]], overlays: dict[str, bytes], overlay_prefix: str
+) -> list[dict[str, Any]]:
+    """The report's ``flagged_tiles``: rank, position, score, reasons and overlay path (None: not drawn)."""
+    entries = []
+    for rank, record in enumerate(flagged, start=1):
+        name = overlay_name(record)
+        entries.append({
+            "rank": rank,
+            "tile_index": record["index"],
+            "y0": record["y0"], "x0": record["x0"],
+            "height": record["height"], "width": record["width"],
+            "y0_um": record["y0_um"], "x0_um": record["x0_um"],
+            "qc_score": record["qc_score"],
+            "reasons": record["flag_reasons"],
+            "overlay": f"{overlay_prefix}/{name}" if name in overlays else None,
+        })
+    return entries
+
+
+# ------------------------------------------------------------------------- provenance
+
+
+def _model_of_run_record(run_record: dict) -> dict[str, Any] | None:
+    """The model the run record lists as an input (id read from its card when still there)."""
+    for entry in run_record.get("inputs", [])[1:]:
+        card_path = Path(entry.get("path", "")) / "model_card.json"
+        model_id = None
+        if card_path.is_file():
+            try:
+                model_id = json.loads(card_path.read_text(encoding="utf-8")).get("model_id")
+            except (OSError, ValueError):
+                model_id = None
+        return {"model_id": model_id, "path": entry.get("path"), "sha256": entry.get("sha256"), "source": "run_record"}
+    return None
+
+
+def model_provenance(predictor: Any, model_dir: str | Path | None, run_record: dict | None) -> dict[str, Any] | None:
+    """The model behind the scores: the one given to QC, else the one the run record names."""
+    card = predictor.card if predictor is not None else None
+    if card is not None:
+        return {"model_id": card.get("model_id"), "path": str(Path(model_dir).resolve()),
+                "sha256": path_sha256(model_dir), "source": "model"}
+    return _model_of_run_record(run_record) if run_record else None
+
+
+def qc_parameters(
+    reference: SlideReference, thresholds: QCThresholds, scores_from: str | None,
+    morphology_reference: dict[str, float] | None,
+) -> dict[str, Any]:
+    """The report's ``provenance.parameters``: thresholds and what was derived from the slide."""
+    return {
+        "thresholds": thresholds.to_dict(),
+        "qc_score_weights": dict(QC_SCORE_WEIGHTS),
+        "nuclear_channels": list(reference.channel_names),
+        "percentiles": [[format_number(v) for v in row] for row in np.asarray(reference.percentiles, dtype=float)],
+        "foreground_threshold": format_number(reference.foreground_threshold),
+        "stained_threshold": format_number(reference.precision_threshold),
+        "nucleus_diameter_px": format_number(reference.diameter),
+        "halo_px": reference.halo,
+        "teacher": "log",
+        "scores_from": scores_from,
+        "seam_lines_from": reference.seam_source,
+        "seam_stride_px": reference.seam_stride,
+        "seam_min_run_px": reference.min_run,
+        "morphology_reference": (
+            None if morphology_reference is None
+            else {key: format_number(value) for key, value in morphology_reference.items()}
+        ),
+    }
+
+
+def qc_provenance(
+    inputs: QCInputs, model: dict[str, Any] | None, run_record: dict | None, parameters: dict[str, Any]
+) -> dict[str, Any]:
+    """The report's ``provenance``: inputs with sha256, model, segmentation, software, time, parameters."""
+    return {
+        "image": {"path": str(inputs.image_path.resolve()), "sha256": path_sha256(inputs.image_path)},
+        "labels": {"path": str(inputs.labels_path.resolve()), "sha256": path_sha256(inputs.labels_path)},
+        "table": None if inputs.lookup is None else {
+            "path": str(inputs.table_file.resolve()), "sha256": path_sha256(inputs.table_file)
+        },
+        "model": model,
+        "segmentation": None if run_record is None else {
+            "command": run_record.get("command"),
+            "version": run_record.get("version"),
+            "predictor": (run_record.get("parameters") or {}).get("predictor"),
+        },
+        "software": {
+            "name": "nuclei-app",
+            "version": __version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "scikit-image": __import__("skimage").__version__,
+        },
+        "created_at": utc_timestamp(),
+        "parameters": parameters,
+    }
 
 
 def compute_qc(
@@ -353,405 +1095,80 @@ def compute_qc(
     MissingInputError, BadDataError, UsageError
         Missing inputs, labels of another shape than the image, non-integer labels.
     """
-    from nuclei_app.model.device import resolve_device
-
     thresholds = thresholds or QCThresholds()
-    started = time.monotonic()
-    timings: dict[str, float] = {}
-    labels_path, image_path = Path(labels_path), Path(image_path)
-    if not image_path.exists():
-        raise MissingInputError("image not found; give the slide the labels were made from", image_path)
-    source = open_label_source(labels_path)
-    run_record = read_run_record(source.store) if source.store is not None else None
-    table_file = Path(table_path) if table_path is not None else find_objects_table(labels_path, run_record)
-    if table_path is not None and not table_file.is_file():
-        raise MissingInputError("nuclei table not found; give the TSV written by segment", table_file)
-    lookup = _ObjectLookup.from_table(table_file) if (table_file is not None and model_dir is None) else None
-
-    with open_slide(image_path) as slide:
-        _, height, width = slide.shape
-        if (height, width) != tuple(source.shape):
-            raise BadDataError(
-                f"labels shape {tuple(source.shape)} differs from image shape {(height, width)} (Y, X); "
-                "give the labels made from this image",
-                labels_path,
-            )
-        predictor = None
-        model_card = None
-        if model_dir is not None:
-            from nuclei_app.model.predictor import load_predictor
-
-            predictor = load_predictor(model_dir, device=resolve_device(device), pixel_size_um=slide.pixel_size_um,
-                                       score_threshold=score_threshold)
-            model_card = predictor.card
-            channels = resolve_channels(slide, predictor, nuclear_channels)
-        else:
-            channels = select_nuclear_channels(slide.channel_names, nuclear_channels, image_path)
-        percentiles = channel_percentiles(slide, channels)
-        overview, overview_level = _overview(slide, channels, percentiles)
-        threshold = otsu_threshold(overview)
-        # Outlines of nuclei fade into the background: nucleus pixels count as on the stain
-        # down to half-way between the background level and Otsu's threshold.
-        below = overview[overview <= threshold] if np.isfinite(threshold) else overview
-        background_level = float(np.median(below)) if below.size else 0.0
-        precision_threshold = 0.5 * (background_level + threshold) if np.isfinite(threshold) else threshold
-        wy0, wx0, wh, ww = _diameter_window(slide, overview, overview_level, threshold)
-        diameter = float(estimate_nucleus_diameter(
-            nuclear_composite(slide.read_region(wy0, wx0, wh, ww, channels=channels), percentiles),
-            slide.pixel_size_um,
-        ))
-        halo = int(np.clip(math.ceil(2.0 * diameter), 16, 128))
-        min_run = max(5, int(round(0.6 * diameter)))
-        seams, seam_source, seam_stride = _seam_lines((height, width), thresholds, run_record)
-        pixel_size = slide.pixel_size_um
-        timings["prepare_seconds"] = time.monotonic() - started
-
-        row_edges = qc_tile_edges(height, thresholds.tile_size_px)
-        col_edges = qc_tile_edges(width, thresholds.tile_size_px)
-        boxes = [
-            (y0, x0, y1, x1)
-            for y0, y1 in zip(row_edges[:-1], row_edges[1:])
-            for x0, x1 in zip(col_edges[:-1], col_edges[1:])
-        ]
-        tiles: list[dict[str, Any]] = []
-        objects: dict[str, list[np.ndarray]] = {
-            name: [] for name in ("tile", "area", "solidity", "eccentricity", "score", "agreement", "overlap",
-                                  "seam_cut", "control_cut", "at_border")
-        }
-        pooled = {"fg": 0, "fg_covered": 0, "nuclei_px": 0, "nuclei_on_fg": 0, "seeds": 0, "seeds_in": 0,
-                  "tp": 0, "fp": 0, "fn": 0, "teacher": 0, "pixels": 0, "autocorr": 0.0, "autocorr_px": 0}
-        n_empty = 0
-        read_s = teacher_s = model_s = metric_s = 0.0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # weak labels on empty tiles warn
-            for index, (y0, x0, y1, x1) in enumerate(boxes):
-                clock = time.monotonic()
-                hy0, hx0, hy1, hx1 = max(0, y0 - halo), max(0, x0 - halo), min(height, y1 + halo), min(width, x1 + halo)
-                raw = slide.read_region(hy0, hx0, hy1 - hy0, hx1 - hx0, channels=channels)
-                flat = source.read(source.flat, hy0, hx0, hy1, hx1)
-                layers = [source.read(layer, hy0, hx0, hy1, hx1) for layer in source.layers]
-                read_s += time.monotonic() - clock
-                clock = time.monotonic()
-                composite = nuclear_composite(raw, percentiles)
-                core = (slice(y0 - hy0, y1 - hy0), slice(x0 - hx0, x1 - hx0))
-                foreground = nuclear_foreground(composite, threshold)
-                stained = nuclear_foreground(composite, precision_threshold)[core]
-                core_fg, core_flat = foreground[core], flat[core]
-                nuclei = flat != 0
-                fg_share = float(core_fg.mean())
-                if not core_flat.any() and fg_share < MIN_FOREGROUND_SHARE:
-                    n_empty += 1
-                    metric_s += time.monotonic() - clock
-                    continue
-                autocorr = signal_autocorrelation(composite[core])
-                metric_s += time.monotonic() - clock
-
-                clock = time.monotonic()
-                teacher = teacher_labels(raw, foreground, diameter, percentiles, pixel_size)
-                teacher_s += time.monotonic() - clock
-
-                clock = time.monotonic()
-                agreement_scores = teacher_agreement(core_flat, teacher[core])
-                seeds = seed_points(teacher)
-                in_core = (
-                    (seeds[:, 0] >= core[0].start) & (seeds[:, 0] < core[0].stop)
-                    & (seeds[:, 1] >= core[1].start) & (seeds[:, 1] < core[1].stop)
-                )
-                seeds = seeds[in_core]
-                # Objects: from the overlap layers (full masks) when present, else the flat view.
-                sources = layers if layers else [flat]
-                props = [object_properties(layer) for layer in sources]
-                merged = {name: np.concatenate([p[name] for p in props]) for name in props[0]}
-                keep = (
-                    (merged["centroid_y"] + hy0 >= y0) & (merged["centroid_y"] + hy0 < y1)
-                    & (merged["centroid_x"] + hx0 >= x0) & (merged["centroid_x"] + hx0 < x1)
-                )
-                ids = merged["label"][keep]
-                n_objects = int(ids.size)
-                # Nuclei cut by the slide's own border are not judged for shape.
-                at_border = (
-                    (merged["bbox_y0"][keep] + hy0 <= 0) | (merged["bbox_x0"][keep] + hx0 <= 0)
-                    | (merged["bbox_y1"][keep] + hy0 >= height) | (merged["bbox_x1"][keep] + hx0 >= width)
-                )
-                overlap = np.full(n_objects, np.nan)
-                if layers:
-                    overlap = np.isin(ids, overlapping_ids(layers)).astype(np.float64)
-                elif lookup is not None:
-                    neighbours = lookup.get("n_overlapping_neighbours", ids)
-                    overlap = np.where(np.isfinite(neighbours), (neighbours > 0).astype(np.float64), np.nan)
-                seam_cut = _cut_flags(sources, ids, seams, "seam", (hy0, hx0, hy1, hx1), min_run)
-                control_cut = _cut_flags(sources, ids, seams, "control", (hy0, hx0, hy1, hx1), min_run)
-                metric_s += time.monotonic() - clock
-
-                clock = time.monotonic()
-                scores = np.full(n_objects, np.nan)
-                agreements = np.full(n_objects, np.nan)
-                if predictor is not None:
-                    predicted = predictor.predict_batch([normalise_intensities(raw, percentiles)])[0]
-                    scores, agreements = rescore_with_model(flat, ids, predicted)
-                elif lookup is not None:
-                    scores = lookup.get("score", ids)
-                    agreements = lookup.get("head_agreement", ids)
-                model_s += time.monotonic() - clock
-
-                for name, values in (
-                    ("tile", np.full(n_objects, len(tiles))), ("area", merged["area"][keep]),
-                    ("solidity", merged["solidity"][keep]), ("eccentricity", merged["eccentricity"][keep]),
-                    ("score", scores), ("agreement", agreements), ("overlap", overlap),
-                    ("seam_cut", seam_cut), ("control_cut", control_cut), ("at_border", at_border),
-                ):
-                    objects[name].append(np.asarray(values))
-
-                core_nuclei = nuclei[core]
-                n_fg = int(core_fg.sum())
-                n_px = int(core_nuclei.sum())
-                seeds_inside = int(nuclei[seeds[:, 0], seeds[:, 1]].sum()) if len(seeds) else 0
-                pooled["fg"] += n_fg
-                pooled["fg_covered"] += int((core_fg & core_nuclei).sum())
-                pooled["nuclei_px"] += n_px
-                pooled["nuclei_on_fg"] += int((stained & core_nuclei).sum())
-                pooled["seeds"] += len(seeds)
-                pooled["seeds_in"] += seeds_inside
-                pooled["tp"] += agreement_scores["tp_50"]
-                pooled["fp"] += agreement_scores["fp_50"]
-                pooled["fn"] += agreement_scores["fn_50"]
-                pooled["teacher"] += agreement_scores["n_gt"]
-                pooled["pixels"] += core_fg.size
-                if autocorr is not None:
-                    pooled["autocorr"] += autocorr * core_fg.size
-                    pooled["autocorr_px"] += core_fg.size
-                area_mm2 = None
-                if pixel_size is not None:
-                    area_mm2 = (y1 - y0) * (x1 - x0) * pixel_size[0] * pixel_size[1] / 1e6
-                tiles.append({
-                    "index": index,
-                    "y0": y0, "x0": x0, "height": y1 - y0, "width": x1 - x0,
-                    "y0_um": None if pixel_size is None else y0 * pixel_size[0],
-                    "x0_um": None if pixel_size is None else x0 * pixel_size[1],
-                    "height_um": None if pixel_size is None else (y1 - y0) * pixel_size[0],
-                    "width_um": None if pixel_size is None else (x1 - x0) * pixel_size[1],
-                    "n_nuclei": n_objects,
-                    "density_per_mm2": None if area_mm2 is None else n_objects / area_mm2,
-                    "foreground_share": fg_share,
-                    "foreground_coverage": foreground_coverage(core_nuclei, core_fg),
-                    "foreground_precision": foreground_precision(core_nuclei, stained),
-                    "n_seeds": int(len(seeds)),
-                    "seed_recall": None if len(seeds) == 0 else seeds_inside / len(seeds),
-                    "teacher_nuclei": int(agreement_scores["n_gt"]),
-                    "teacher_student_f1": float(agreement_scores["f1_50"]),
-                    "signal_autocorrelation": autocorr,
-                })
-
-    clock = time.monotonic()
-    merged_objects = {
-        name: (np.concatenate(values) if values else np.zeros(0)) for name, values in objects.items()
-    }
-    tile_of = merged_objects["tile"].astype(np.int64)
-    n_nuclei = int(tile_of.size)
-    morphology: dict[str, Any] = {"reference": None}
-    outlier_flags: dict[str, np.ndarray] | None = None
-    interior = ~merged_objects["at_border"].astype(bool)
-    if int(interior.sum()) >= thresholds.min_nuclei_for_statistics:
-        judged = {name: np.where(interior, merged_objects[name], np.nan) for name in ("area", "solidity", "eccentricity")}
-        outlier_flags, reference = morphology_outliers(
-            judged["area"], judged["solidity"], judged["eccentricity"], thresholds.morphology_k
+    watch = Stopwatch()
+    inputs = open_qc_inputs(labels_path, image_path, table_path, model_dir)
+    with open_slide(inputs.image_path) as slide:
+        _check_same_shape(slide, inputs)
+        predictor, channels = _open_model_and_channels(
+            slide, inputs, model_dir, device, score_threshold, nuclear_channels
         )
-        morphology["reference"] = reference
+        reference = slide_reference(slide, channels, thresholds, inputs.run_record)
+        watch.seconds["prepare"] = time.monotonic() - watch.started
+        boxes = qc_tile_boxes(reference.shape, thresholds.tile_size_px)
+        tiles, objects, pooled = analyse_tiles(slide, inputs, reference, predictor, boxes, watch)
 
-    n_per_tile = np.bincount(tile_of, minlength=len(tiles)) if len(tiles) else np.zeros(0, int)
-    for t, record in enumerate(tiles):
-        select = tile_of == t
-        count = int(n_per_tile[t])
-        record.update(score_summary(merged_objects["score"][select]))
-        agreement_values = merged_objects["agreement"][select]
-        record["head_agreement_mean"] = mean_or_none(agreement_values)
-        finite = agreement_values[np.isfinite(agreement_values)]
-        record["head_all_found_share"] = float(np.mean(finite >= ALL_HEADS_FOUND_IOU)) if finite.size else None
-        judged_here = select & interior
-        record["morphology_outlier_share"] = (
-            float(outlier_flags["any"][judged_here].mean()) if outlier_flags is not None and judged_here.any() else None
+    with watch.stage("metrics"):
+        outlier_flags, morphology_reference, interior = judge_morphology(
+            objects, thresholds.morphology_k, thresholds.min_nuclei_for_statistics
         )
-        overlap_values = merged_objects["overlap"][select]
-        finite_overlap = overlap_values[np.isfinite(overlap_values)]
-        record["overlap_share"] = float(finite_overlap.mean()) if finite_overlap.size else None
-        record["seam_cut_share"] = (
-            float(merged_objects["seam_cut"][select].astype(bool).mean()) if seams is not None and count else None
+        finish_tile_records(tiles, objects, outlier_flags, interior, reference.seams is not None, thresholds)
+        metrics = slide_metrics(len(boxes), tiles, objects, pooled, outlier_flags, interior, reference,
+                                len(inputs.source.layers) or None)
+        status, reasons = qc_status(metrics, thresholds)
+
+    with watch.stage("overlay"):
+        flagged = rank_flagged_tiles(tiles, thresholds.max_flagged_tiles)
+        overlays = draw_overlays(inputs.image_path, inputs.source, flagged[: thresholds.max_overlays], reference)
+        flagged_entries = flagged_tile_entries(flagged, overlays, overlay_prefix)
+
+    with watch.stage("provenance"):
+        scores_from = "model" if predictor is not None else ("table" if inputs.lookup is not None else None)
+        provenance = qc_provenance(
+            inputs, model_provenance(predictor, model_dir, inputs.run_record), inputs.run_record,
+            qc_parameters(reference, thresholds, scores_from, morphology_reference),
         )
-        components = {
-            "teacher_student_f1": record["teacher_student_f1"],
-            "seed_recall": record["seed_recall"],
-            "foreground_coverage": record["foreground_coverage"],
-            "foreground_precision": record["foreground_precision"],
-            "score_mean": record["score_mean"],
-            "head_agreement_mean": record["head_agreement_mean"],
-            "morphology_regular_share": (
-                None if record["morphology_outlier_share"] is None else 1.0 - record["morphology_outlier_share"]
-            ),
-        }
-        record["qc_score"] = tile_qc_score(components)
-        record["flagged"] = record["qc_score"] is not None and record["qc_score"] < thresholds.flag_tile_score_below
-        record["flag_reasons"] = tile_reasons(record, thresholds) if record["flagged"] else []
-
-    qc_scores = np.asarray([t["qc_score"] for t in tiles if t["qc_score"] is not None], dtype=np.float64)
-    n_flagged = sum(1 for t in tiles if t["flagged"])
-    analysed_mm2 = None
-    if pixel_size is not None:
-        analysed_mm2 = sum(t["height"] * t["width"] for t in tiles) * pixel_size[0] * pixel_size[1] / 1e6
-    seam_cut = merged_objects["seam_cut"].astype(bool)
-    control_cut = merged_objects["control_cut"].astype(bool)
-    overlap_all = merged_objects["overlap"]
-    overlap_finite = overlap_all[np.isfinite(overlap_all)]
-    agreement_all = merged_objects["agreement"]
-    agreement_finite = agreement_all[np.isfinite(agreement_all)]
-    teacher_denominator = 2 * pooled["tp"] + pooled["fp"] + pooled["fn"]
-    slide_metrics: dict[str, Any] = {
-        "n_tiles": len(boxes),
-        "n_tiles_analysed": len(tiles),
-        "n_tiles_empty": n_empty,
-        "n_nuclei": n_nuclei,
-        "density_per_mm2": None if not analysed_mm2 else n_nuclei / analysed_mm2,
-        "foreground_share": pooled["fg"] / pooled["pixels"] if pooled["pixels"] else 0.0,
-        "foreground_coverage": pooled["fg_covered"] / pooled["fg"] if pooled["fg"] else None,
-        "foreground_precision": pooled["nuclei_on_fg"] / pooled["nuclei_px"] if pooled["nuclei_px"] else None,
-        "n_seeds": pooled["seeds"],
-        "seed_recall": pooled["seeds_in"] / pooled["seeds"] if pooled["seeds"] else None,
-        **score_summary(merged_objects["score"]),
-        "head_agreement_mean": float(agreement_finite.mean()) if agreement_finite.size else None,
-        "head_all_found_share": float(np.mean(agreement_finite >= ALL_HEADS_FOUND_IOU)) if agreement_finite.size else None,
-        "teacher_nuclei": pooled["teacher"],
-        "teacher_student_f1": (
-            2 * pooled["tp"] / teacher_denominator if teacher_denominator else (1.0 if len(tiles) else None)
-        ),
-        "area_outlier_share": None if outlier_flags is None else float(outlier_flags["area"][interior].mean()),
-        "solidity_outlier_share": None if outlier_flags is None else float(outlier_flags["solidity"][interior].mean()),
-        "eccentricity_outlier_share": None if outlier_flags is None else float(outlier_flags["eccentricity"][interior].mean()),
-        "morphology_outlier_share": None if outlier_flags is None else float(outlier_flags["any"][interior].mean()),
-        "median_area_px": float(np.median(merged_objects["area"])) if n_nuclei else None,
-        "median_area_um2": (
-            float(np.median(merged_objects["area"])) * pixel_size[0] * pixel_size[1]
-            if n_nuclei and pixel_size is not None else None
-        ),
-        "median_solidity": float(np.median(merged_objects["solidity"])) if n_nuclei else None,
-        "median_eccentricity": float(np.median(merged_objects["eccentricity"])) if n_nuclei else None,
-        "overlap_share": float(overlap_finite.mean()) if overlap_finite.size else None,
-        "n_layers": len(source.layers) if source.layers else None,
-        "seam_cut_share": float(seam_cut.mean()) if seams is not None and n_nuclei else None,
-        "control_cut_share": float(control_cut.mean()) if seams is not None and n_nuclei else None,
-        "seam_excess": float(seam_cut.mean() - control_cut.mean()) if seams is not None and n_nuclei else None,
-        "signal_autocorrelation": pooled["autocorr"] / pooled["autocorr_px"] if pooled["autocorr_px"] else None,
-        "qc_score_mean": float(qc_scores.mean()) if qc_scores.size else None,
-        "qc_score_p10": float(np.percentile(qc_scores, 10)) if qc_scores.size else None,
-        "n_flagged_tiles": n_flagged,
-        "flagged_tile_share": n_flagged / len(tiles) if tiles else None,
-    }
-    slide_metrics = {key: format_number(value) for key, value in slide_metrics.items()}
-    status, reasons = qc_status(slide_metrics, thresholds)
-    timings["metrics_seconds"] = time.monotonic() - clock + metric_s
-
-    # Ranked flagged tiles (worst first) and overlays of the worst ones.
-    clock = time.monotonic()
-    flagged = sorted((t for t in tiles if t["flagged"]), key=lambda t: (t["qc_score"], t["index"]))
-    flagged = flagged[: thresholds.max_flagged_tiles]
-    overlays: dict[str, bytes] = {}
-    flagged_entries = []
-    if flagged and thresholds.max_overlays:
-
-        with open_slide(image_path) as slide:
-            for tile_record in flagged[: thresholds.max_overlays]:
-                y0, x0, h, w = tile_record["y0"], tile_record["x0"], tile_record["height"], tile_record["width"]
-                composite = nuclear_composite(slide.read_region(y0, x0, h, w, channels=channels), percentiles)
-                labels = source.read(source.flat, y0, x0, y0 + h, x0 + w)
-                overlays[f"tile-{y0}-{x0}.png"] = overlay_png(composite, labels)
-    for rank, tile_record in enumerate(flagged, start=1):
-        name = f"tile-{tile_record['y0']}-{tile_record['x0']}.png"
-        flagged_entries.append({
-            "rank": rank,
-            "tile_index": tile_record["index"],
-            "y0": tile_record["y0"], "x0": tile_record["x0"],
-            "height": tile_record["height"], "width": tile_record["width"],
-            "y0_um": tile_record["y0_um"], "x0_um": tile_record["x0_um"],
-            "qc_score": tile_record["qc_score"],
-            "reasons": tile_record["flag_reasons"],
-            "overlay": f"{overlay_prefix}/{name}" if name in overlays else None,
-        })
-    timings["overlay_seconds"] = time.monotonic() - clock
-    timings["read_seconds"] = read_s
-    timings["teacher_seconds"] = teacher_s
-    timings["model_seconds"] = model_s
-
-    clock = time.monotonic()
-    model_info = None
-    if model_card is not None:
-        model_info = {"model_id": model_card.get("model_id"), "path": str(Path(model_dir).resolve()),
-                      "sha256": path_sha256(model_dir), "source": "model"}
-    elif run_record:
-        for entry in run_record.get("inputs", [])[1:]:
-            card_path = Path(entry.get("path", "")) / "model_card.json"
-            model_id = None
-            if card_path.is_file():
-                try:
-                    model_id = json.loads(card_path.read_text(encoding="utf-8")).get("model_id")
-                except (OSError, ValueError):
-                    model_id = None
-            model_info = {"model_id": model_id, "path": entry.get("path"), "sha256": entry.get("sha256"),
-                          "source": "run_record"}
-            break
-    provenance = {
-        "image": {"path": str(image_path.resolve()), "sha256": path_sha256(image_path)},
-        "labels": {"path": str(labels_path.resolve()), "sha256": path_sha256(labels_path)},
-        "table": None if lookup is None else {"path": str(table_file.resolve()), "sha256": path_sha256(table_file)},
-        "model": model_info,
-        "segmentation": None if run_record is None else {
-            "command": run_record.get("command"),
-            "version": run_record.get("version"),
-            "predictor": (run_record.get("parameters") or {}).get("predictor"),
-        },
-        "software": {
-            "name": "nuclei-app",
-            "version": __version__,
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "scikit-image": __import__("skimage").__version__,
-        },
-        "created_at": utc_timestamp(),
-        "parameters": {
-            "thresholds": thresholds.to_dict(),
-            "qc_score_weights": dict(QC_SCORE_WEIGHTS),
-            "nuclear_channels": [slide.channel_names[i] for i in channels],
-            "percentiles": [[format_number(v) for v in row] for row in np.asarray(percentiles, dtype=float)],
-            "foreground_threshold": format_number(threshold),
-            "stained_threshold": format_number(precision_threshold),
-            "nucleus_diameter_px": format_number(diameter),
-            "halo_px": halo,
-            "teacher": "log",
-            "scores_from": "model" if predictor is not None else ("table" if lookup is not None else None),
-            "seam_lines_from": seam_source,
-            "seam_stride_px": seam_stride,
-            "seam_min_run_px": min_run,
-            "morphology_reference": (
-                None if morphology["reference"] is None
-                else {key: format_number(value) for key, value in morphology["reference"].items()}
-            ),
-        },
-    }
-    timings["provenance_seconds"] = time.monotonic() - clock
-    timings["total_seconds"] = time.monotonic() - started
+    pixel_size = reference.pixel_size
     report = {
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "reasons": reasons,
         "image": {
-            "shape_yx": [height, width],
+            "shape_yx": list(reference.shape),
             "pixel_size_um": None if pixel_size is None else [float(pixel_size[0]), float(pixel_size[1])],
             "tile_size_px": thresholds.tile_size_px,
         },
-        "slide": slide_metrics,
+        "slide": metrics,
         "tiles": [clean_tile_record(t) for t in tiles],
         "flagged_tiles": [clean_tile_record(entry) for entry in flagged_entries],
         "provenance": provenance,
-        "timings": {key: round(value, 3) for key, value in timings.items()},
+        "timings": watch.timings(),
     }
     return report, overlays
+
+
+@dataclass
+class QCResult:
+    """What `write_qc_report` wrote.
+
+    Attributes
+    ----------
+    report : dict
+        The schema-valid report (also written to ``path``).
+    path : Path
+        The QC JSON.
+    overlay_dir : Path or None
+        Folder of the overlay PNGs (None when no tile was drawn).
+    """
+
+    report: dict[str, Any]
+    path: Path
+    overlay_dir: Path | None
+
+    @property
+    def status(self) -> str:
+        """``pass``, ``warn`` or ``fail``."""
+        return self.report["status"]
 
 
 def validate_qc_report(report: dict[str, Any]) -> None:
@@ -832,8 +1249,6 @@ def write_qc_report(
                 (temporary / name).write_bytes(data)
         written_dir = overlay_dir
     elif overlay_dir.is_dir():  # overlays of an earlier run that no longer apply
-        import shutil
-
         shutil.rmtree(overlay_dir, ignore_errors=True)
     atomic_write_json(output_path, report)
     return QCResult(report, output_path, written_dir)
