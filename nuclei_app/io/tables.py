@@ -45,7 +45,8 @@ FIXED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("bbox_x0", "First column of the bounding box, level-0 pixels (inclusive)", "pixel"),
     ("bbox_y1", "Row after the last row of the bounding box (exclusive)", "pixel"),
     ("bbox_x1", "Column after the last column of the bounding box (exclusive)", "pixel"),
-    ("solidity", "Pixel count divided by the area of the convex hull of the mask's pixel squares (1 = convex)", "n/a"),
+    ("solidity", "Pixel count divided by the pixel count of the mask's convex hull image (scikit-image regionprops "
+                 "solidity, as the QC measures it; 1 = convex)", "n/a"),
     ("eccentricity", "Eccentricity of the ellipse with the same second moments (0 = circle)", "n/a"),
     ("score", "Detection confidence of the predictor, 0 to 1", "n/a"),
     ("head_agreement", "Mean mask IoU between the model's heads for this nucleus (1 for the weak labeler)", "n/a"),
