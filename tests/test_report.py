@@ -14,7 +14,7 @@ import tifffile
 from nuclei_app.config import QCThresholds
 from nuclei_app.errors import BadDataError, MissingInputError, NothingSelectedError
 from nuclei_app.qc.slide import write_qc_report
-from nuclei_app.qc.group_report import GROUP_METRICS, robust_z_scores, write_group_report
+from nuclei_app.qc.group_report import GROUP_METRICS, write_group_report
 from nuclei_app.schemas import schema_errors
 
 #: (subject, image) of the human-mask slides; sub-04 gets the same image as sub-02 with half its nuclei deleted.
@@ -41,13 +41,19 @@ def derivatives(nuclei_gt_dir: Path, tmp_path_factory) -> Path:
     return root
 
 
-def test_robust_z_scores():
-    assert robust_z_scores([1.0, 2.0, 3.0, None]) == [pytest.approx(-1 / 1.4826), 0.0, pytest.approx(1 / 1.4826), None]
-    # MAD of 0: the mean absolute deviation takes over, so a lone deviant still stands out.
-    z = robust_z_scores([1.0, 1.0, 1.0, 5.0])
-    assert z[:3] == [0.0, 0.0, 0.0] and z[3] == pytest.approx(4 / (1.2533 * 1.0))
-    assert robust_z_scores([2.0, 2.0]) == [0.0, 0.0]
-    assert robust_z_scores([None]) == [None]
+def test_group_z_scores_fall_back_to_the_mean_absolute_deviation_when_the_mad_is_zero(derivatives, tmp_path):
+    # Four copies of one slide's report; one has more nuclei: the MAD of n_nuclei is 0.
+    source = derivatives / "sub-01" / "micr" / "sub-01_sample-A_desc-nuclei_qc.json"
+    paths = []
+    for index, n_nuclei in enumerate((36, 36, 36, 80)):
+        report = json.loads(source.read_text())
+        report["slide"]["n_nuclei"] = n_nuclei
+        paths.append(tmp_path / f"sub-{index}_desc-nuclei_qc.json")
+        paths[-1].write_text(json.dumps(report))
+    slides = write_group_report(paths, tmp_path / "group").summary["slides"]
+    z = [slide["robust_z"]["n_nuclei"] for slide in slides]
+    assert z[:3] == [0.0, 0.0, 0.0] and z[3] == pytest.approx(44 / (1.2533 * 11), abs=1e-4)
+    assert [slide["robust_z"]["seed_recall"] for slide in slides] == [0.0] * 4  # all equal
 
 
 def test_group_report_from_an_output_folder(derivatives: Path, tmp_path: Path):

@@ -115,24 +115,91 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(threshold_otsu(finite))
 
 
-def robust_reference(values: np.ndarray, floor: float = 0.0) -> tuple[float, float]:
-    """Median and robust spread ``max(1.4826 * MAD, floor)`` of the finite values.
+#: 1.4826 times the median absolute deviation (MAD) estimates the standard deviation of
+#: normally distributed values.
+MAD_TO_SD = 1.4826
 
-    1.4826 MAD equals the standard deviation for normally distributed values.
+
+#: sqrt(pi / 2): 1.2533 times the mean absolute deviation estimates it too; the spread when
+#: the MAD is 0 (Iglewicz and Hoaglin, 1993).
+MEAN_AD_TO_SD = 1.2533
+
+
+def robust_reference(values: np.ndarray, floor: float = 0.0) -> tuple[float, float]:
+    """Median and robust spread of the finite values: the one robust-z reference of the app.
+
+    The spread is ``1.4826 * MAD`` (the median absolute deviation from the median). When the
+    MAD is 0 (more than half of the values equal the median) it is ``1.2533 *`` the mean
+    absolute deviation from the median instead, so that the values that differ still get
+    finite z-scores scaled by how far they lie; it stays 0 only when every finite value
+    equals the median. Then the spread is raised to ``floor``.
+
+    Parameters
+    ----------
+    values : ndarray of float, any shape
+        NaN and inf are ignored.
+    floor : float
+        Smallest spread returned (e.g. so that a very uniform slide does not call ordinary
+        nuclei outliers).
+
+    Returns
+    -------
+    median, spread : float
+        NaN, NaN when no value is finite.
     """
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     if finite.size == 0:
         return math.nan, math.nan
     median = float(np.median(finite))
-    spread = 1.4826 * float(np.median(np.abs(finite - median)))
+    deviations = np.abs(finite - median)
+    spread = MAD_TO_SD * float(np.median(deviations))
+    if spread == 0:
+        spread = MEAN_AD_TO_SD * float(np.mean(deviations))
     return median, max(spread, floor)
 
 
 def robust_z(values: np.ndarray, median: float, spread: float) -> np.ndarray:
-    """``(values - median) / spread``; 0 where the spread is 0 and the value equals the median."""
+    """Robust z-scores ``(values - median) / spread`` against a `robust_reference`.
+
+    Parameters
+    ----------
+    values : ndarray of float, any shape
+    median, spread : float
+        From `robust_reference`.
+
+    Returns
+    -------
+    ndarray of float64, shape of ``values``
+        NaN where a value is NaN or the spread is NaN (no reference). A spread of 0 means
+        every reference value equals the median: z is 0 for a value equal to the median
+        and +-inf for any other.
+    """
     values = np.asarray(values, dtype=np.float64)
     if not spread > 0:
-        return np.where(values == median, 0.0, np.sign(values - median) * np.inf)
+        with np.errstate(invalid="ignore"):  # 0 * inf where a value equals the median: replaced by 0
+            return np.where(values == median, 0.0, np.sign(values - median) * np.inf)
     return (values - median) / spread
 
+
+def robust_z_scores(values: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """Robust z-score of each value against the values' own median and spread.
+
+    `robust_z` of ``values`` against `robust_reference` of ``values`` (see there for a MAD
+    of 0: the mean absolute deviation takes over; all values equal: z = 0).
+
+    Parameters
+    ----------
+    values : ndarray of float, shape (n,)
+        NaN for missing values.
+    floor : float
+        Smallest spread (see `robust_reference`).
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        NaN where the value is not finite.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    median, spread = robust_reference(values, floor)
+    return np.where(np.isfinite(values), robust_z(values, median, spread), np.nan)

@@ -33,6 +33,7 @@ from nuclei_app.qc.slide import InvalidQCReportError, QC_SUFFIX
 from nuclei_app.schemas import load_schema
 from nuclei_app.schemas import validate_instance
 from nuclei_app.atomic import atomic_write_json, atomic_write_text
+from nuclei_app.core.intensity import robust_z_scores
 from nuclei_app.schemas import schema_errors
 
 
@@ -98,32 +99,6 @@ class GroupReport:
 # ------------------------------------------------------------------------- statistics
 
 
-def robust_z_scores(values: Sequence[float | None]) -> list[float | None]:
-    """Robust z-score of each value among the finite ones (None stays None).
-
-    ``z = (x - median) / spread`` with ``spread = 1.4826 MAD``; when the MAD is 0 the spread is
-    ``1.2533 * mean absolute deviation`` (Iglewicz and Hoaglin); when that is 0 too, every
-    value equals the median and z is 0.
-    """
-    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if finite.size == 0:
-        return [None for _ in values]
-    median = float(np.median(finite))
-    deviations = np.abs(finite - median)
-    spread = 1.4826 * float(np.median(deviations))
-    if spread == 0:
-        spread = 1.2533 * float(np.mean(deviations))
-    result: list[float | None] = []
-    for value in values:
-        if value is None or not math.isfinite(value):
-            result.append(None)
-        elif spread == 0:
-            result.append(0.0)
-        else:
-            result.append((float(value) - median) / spread)
-    return result
-
-
 def metric_directions() -> dict[str, str]:
     """``x-better`` (higher | lower | none) of every slide metric, from the qc_report schema."""
 
@@ -136,6 +111,11 @@ def metric_descriptions() -> dict[str, str]:
 
     properties = load_schema("qc_report")["properties"]["slide"]["properties"]
     return {name: spec.get("description", "") for name, spec in properties.items()}
+
+
+def _number(value: float | None) -> float:
+    """A slide metric as a float (NaN for None)."""
+    return math.nan if value is None else float(value)
 
 
 def _is_outlier(z: float | None, better: str) -> bool:
@@ -414,13 +394,13 @@ def slide_summaries(reports: list[tuple[Path, dict[str, Any]]], output_dir: Path
     directions = metric_directions()
     use_outliers = len(reports) >= MIN_SLIDES_FOR_OUTLIERS
     z_scores = {
-        metric: robust_z_scores([report["slide"].get(metric) for _, report in reports])
-        if use_outliers else [None] * len(reports)
+        metric: robust_z_scores(np.asarray([_number(report["slide"].get(metric)) for _, report in reports]))
+        if use_outliers else np.full(len(reports), np.nan)
         for metric in GROUP_METRICS
     }
     slides = []
     for index, (path, report) in enumerate(reports):
-        robust = {metric: (None if z_scores[metric][index] is None else round(float(z_scores[metric][index]), 4))
+        robust = {metric: (round(float(z_scores[metric][index]), 4) if np.isfinite(z_scores[metric][index]) else None)
                   for metric in GROUP_METRICS}
         outlier_metrics = [m for m in GROUP_METRICS if _is_outlier(robust[m], directions.get(m, "none"))]
         try:

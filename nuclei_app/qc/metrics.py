@@ -38,7 +38,7 @@ MATCH_IOU = 0.5
 ALL_HEADS_FOUND_IOU = 0.5
 
 
-#: Floors of the robust spread (1.4826 MAD) of log-area, solidity and eccentricity, so that
+#: Floors of the robust spread (`robust_reference`) of log-area, solidity and eccentricity, so that
 #: a very uniform slide does not call ordinary nuclei outliers.
 MORPHOLOGY_SPREAD_FLOOR = {"log_area": 0.15, "solidity": 0.04, "eccentricity": 0.08}
 
@@ -135,8 +135,9 @@ def morphology_outliers(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Nuclei whose shape is unusual for their own slide.
 
-    Rules (robust z-scores against the slide's median and 1.4826 MAD, with the floors of
-    `MORPHOLOGY_SPREAD_FLOOR`): area outlier when ``|z(log area)| > k``; solidity outlier
+    Rules (robust z-scores against the slide's median and robust spread, `robust_reference`:
+    1.4826 MAD, or 1.2533 times the mean absolute deviation when the MAD is 0, at least the
+    floors of `MORPHOLOGY_SPREAD_FLOOR`): area outlier when ``|z(log area)| > k``; solidity outlier
     when ``z(solidity) < -k`` (ragged or merged); eccentricity outlier when
     ``z(eccentricity) > k`` (elongated slivers).
 
