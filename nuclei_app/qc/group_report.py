@@ -23,18 +23,18 @@ import html
 import json
 import math
 from dataclasses import dataclass
-from nuclei_app.provenance import utc_timestamp
 from pathlib import Path
 from typing import Any, Sequence
+
 import numpy as np
+
 from nuclei_app import __version__
-from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError, NothingSelectedError
-from nuclei_app.qc.slide import InvalidQCReportError, QC_SUFFIX
-from nuclei_app.schemas import load_schema
-from nuclei_app.schemas import validate_instance
 from nuclei_app.atomic import atomic_write_json, atomic_write_text
 from nuclei_app.core.intensity import robust_z_scores
-from nuclei_app.schemas import schema_errors
+from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError, NothingSelectedError
+from nuclei_app.provenance import utc_timestamp
+from nuclei_app.qc.slide import QC_SUFFIX, check_built_report
+from nuclei_app.schemas import load_schema, validate_instance
 
 
 GROUP_TSV = "group_qc.tsv"
@@ -93,6 +93,7 @@ class GroupReport:
     summary: dict[str, Any]
 
     def paths(self) -> list[Path]:
+        """The three written files: TSV, JSON, HTML."""
         return [self.tsv, self.json, self.html]
 
 
@@ -119,6 +120,7 @@ def _number(value: float | None) -> float:
 
 
 def _is_outlier(z: float | None, better: str) -> bool:
+    """Whether robust z-score ``z`` lies beyond `OUTLIER_Z` in the worse direction (``better``: higher | lower | none)."""
     if z is None:
         return False
     if better == "higher":
@@ -133,6 +135,15 @@ def _is_outlier(z: float | None, better: str) -> bool:
 
 def collect_qc_reports(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """QC report paths: every ``*_desc-nuclei_qc.json`` below a folder (sorted), or the given list.
+
+    Parameters
+    ----------
+    source : path or sequence of paths
+        A folder, or the report files.
+
+    Returns
+    -------
+    list of Path
 
     Raises
     ------
@@ -163,6 +174,14 @@ def collect_qc_reports(source: str | Path | Sequence[str | Path]) -> list[Path]:
 def read_qc_report(path: str | Path) -> dict[str, Any]:
     """Load one per-slide QC report and check it against the ``qc_report`` schema.
 
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    dict
+
     Raises
     ------
     BadDataError
@@ -190,6 +209,7 @@ def bids_name(report_path: str | Path) -> str:
 
 
 def _cell(value: Any) -> str:
+    """A TSV cell: ``n/a`` for None, ``true``/``false``, floats to 6 significant digits, no tabs or newlines."""
     if value is None:
         return MISSING
     if isinstance(value, bool):
@@ -210,6 +230,7 @@ TSV_COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 def _overlay_data_uri(report_path: Path, relative: str | None) -> str | None:
+    """An overlay PNG (path relative to its QC report) as a ``data:`` URI; None when missing or not a PNG."""
     if not relative:
         return None
     path = (report_path.parent / relative).resolve()
@@ -250,6 +271,7 @@ window.addEventListener('load', function () {
 
 
 def _format(value: Any) -> str:
+    """A metric for the HTML table: ``n/a`` for None, floats to 3 decimals (or none from 1000)."""
     if value is None:
         return MISSING
     if isinstance(value, float):
@@ -509,11 +531,7 @@ def write_group_report(
     paths = collect_qc_reports(qc_reports)
     reports = [(path, read_qc_report(path)) for path in paths]
     summary = group_summary(slide_summaries(reports, output_dir), applied=len(reports) >= MIN_SLIDES_FOR_OUTLIERS)
-    problems = schema_errors(summary, "group_qc")
-    if problems:
-        raise InvalidQCReportError(
-            f"nuclei-app built a group QC summary that breaks its schema (a bug; please report it): {problems[0]}"
-        )
+    check_built_report(summary, "group_qc", "group QC summary")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -5,6 +5,7 @@ import math
 from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.segmentation import find_boundaries
 from nuclei_app.core.intensity import robust_reference, robust_z
 from nuclei_app.core.metrics import score_instances
 
@@ -62,15 +63,33 @@ def nuclear_foreground(composite: np.ndarray, threshold: float) -> np.ndarray:
     return ndi.gaussian_filter(np.asarray(composite, dtype=np.float32), 1.0) > threshold
 
 
+def pixel_share(pixels: np.ndarray, within: np.ndarray) -> float | None:
+    """Share of the True pixels of ``pixels`` that are True in ``within``; None when ``pixels`` has none.
+
+    Parameters
+    ----------
+    pixels, within : ndarray of bool, shape (H, W)
+
+    Returns
+    -------
+    float in [0, 1] or None
+    """
+    total = int(np.count_nonzero(pixels))
+    return None if total == 0 else int(np.count_nonzero(pixels & within)) / total
+
+
 def foreground_coverage(nuclei: np.ndarray, foreground: np.ndarray) -> float | None:
     """Share of foreground pixels inside some nucleus; None without foreground.
 
     Parameters
     ----------
     nuclei, foreground : ndarray of bool, shape (H, W)
+
+    Returns
+    -------
+    float in [0, 1] or None
     """
-    total = int(np.count_nonzero(foreground))
-    return None if total == 0 else int(np.count_nonzero(nuclei & foreground)) / total
+    return pixel_share(foreground, nuclei)
 
 
 def foreground_precision(nuclei: np.ndarray, foreground: np.ndarray) -> float | None:
@@ -79,9 +98,12 @@ def foreground_precision(nuclei: np.ndarray, foreground: np.ndarray) -> float | 
     Parameters
     ----------
     nuclei, foreground : ndarray of bool, shape (H, W)
+
+    Returns
+    -------
+    float in [0, 1] or None
     """
-    total = int(np.count_nonzero(nuclei))
-    return None if total == 0 else int(np.count_nonzero(nuclei & foreground)) / total
+    return pixel_share(nuclei, foreground)
 
 
 def seed_points(labels: np.ndarray) -> np.ndarray:
@@ -100,8 +122,6 @@ def seed_points(labels: np.ndarray) -> np.ndarray:
     ndarray of int64, shape (n, 2)
         (row, col) per object, in increasing id order.
     """
-    from skimage.segmentation import find_boundaries
-
     labels = np.asarray(labels)
     ids = np.unique(labels)
     ids = ids[ids != 0]
@@ -123,7 +143,18 @@ def seed_points(labels: np.ndarray) -> np.ndarray:
 
 
 def seed_recall(seeds: np.ndarray, nuclei: np.ndarray) -> float | None:
-    """Share of seed points (n, 2) that fall inside a nucleus (bool (H, W)); None without seeds."""
+    """Share of seed points that fall inside a nucleus; None without seeds.
+
+    Parameters
+    ----------
+    seeds : ndarray of int, shape (n, 2)
+        (row, col) of each seed (`seed_points`).
+    nuclei : ndarray of bool, shape (H, W)
+
+    Returns
+    -------
+    float in [0, 1] or None
+    """
     seeds = np.asarray(seeds, dtype=np.int64).reshape(-1, 2)
     if len(seeds) == 0:
         return None
@@ -232,7 +263,16 @@ def straight_cut_ids(labels: np.ndarray, axis: int, position: int, min_run: int)
 def teacher_agreement(labels: np.ndarray, teacher: np.ndarray) -> dict[str, Any]:
     """F1 at IoU 0.5 (and counts) of a segmentation against the weak teacher's labels.
 
-    Returns the dict of `nuclei_app.evaluate.score_instances` with the teacher as reference.
+    Parameters
+    ----------
+    labels, teacher : ndarray of int, shape (H, W)
+        The segmentation and the teacher's objects on the same pixels.
+
+    Returns
+    -------
+    dict
+        `nuclei_app.core.metrics.score_instances` with the teacher as the reference
+        (``f1_50``, ``tp_50``, ``fp_50``, ``fn_50``, ``n_gt``, ...).
     """
 
     return score_instances(labels, teacher)
@@ -243,6 +283,16 @@ def tile_qc_score(components: dict[str, float | None], weights: dict[str, float]
 
     ``qc_score = sum(w_i * c_i) / sum(w_i)`` over the components ``c_i`` that are not None
     (see `QC_SCORE_WEIGHTS`); None when none is available.
+
+    Parameters
+    ----------
+    components : dict of float or None
+        Keyed like ``weights``; values clipped to [0, 1].
+    weights : dict of float
+
+    Returns
+    -------
+    float in [0, 1] or None
     """
     total = weight_sum = 0.0
     for name, weight in weights.items():

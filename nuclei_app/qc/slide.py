@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import skimage
 from scipy import ndimage as ndi
 
 from nuclei_app import __version__
@@ -179,7 +180,28 @@ class QCInputs:
 def open_qc_inputs(
     labels_path: str | Path, image_path: str | Path, table_path: str | Path | None, model_dir: str | Path | None
 ) -> QCInputs:
-    """Open the labels, find the run record and the nuclei table (`MissingInputError` when missing)."""
+    """Open the labels, find the run record and the nuclei table.
+
+    Parameters
+    ----------
+    labels_path, image_path : str or Path
+        The segmentation (label TIFF or OME-Zarr store) and the slide.
+    table_path : str or Path, optional
+        Per-nucleus TSV (default: found beside the labels, `find_objects_table`).
+    model_dir : str or Path, optional
+        When given, the table's scores are not used (the model rescores).
+
+    Returns
+    -------
+    QCInputs
+
+    Raises
+    ------
+    MissingInputError
+        The image, the labels or a given table does not exist.
+    BadDataError
+        The table cannot be read.
+    """
     labels_path, image_path = Path(labels_path), Path(image_path)
     if not image_path.exists():
         raise MissingInputError("image not found; give the slide the labels were made from", image_path)
@@ -207,7 +229,25 @@ def _open_model_and_channels(
     slide: Any, inputs: QCInputs, model_dir: str | Path | None, device: str,
     score_threshold: float | None, nuclear_channels: str | Sequence[str] | None,
 ) -> tuple[Any, list[int]]:
-    """The model's predictor (None without ``model_dir``) and the slide channels to judge."""
+    """The model's predictor (None without ``model_dir``) and the slide channels to judge.
+
+    Parameters
+    ----------
+    slide : nuclei_app.io.slides.Slide
+    inputs : QCInputs
+    model_dir : str or Path, optional
+    device : str
+        ``cpu``, ``cuda`` or ``auto``.
+    score_threshold : float, optional
+        The cut-off the labels were made with (default: the model card's).
+    nuclear_channels : str or sequence of str, optional
+        Channel names (default: the model's, or every recognised nuclear stain).
+
+    Returns
+    -------
+    predictor : NucleiPredictor or None
+    channels : list of int
+    """
     if model_dir is None:
         return None, select_nuclear_channels(slide.channel_names, nuclear_channels, inputs.image_path)
     from nuclei_app.model.device import resolve_device
@@ -608,7 +648,20 @@ class TileView:
 
 
 def qc_tile_boxes(shape: tuple[int, int], tile_size: int) -> list[tuple[int, int, int, int]]:
-    """The QC tile grid (`qc_tile_edges`) as (y0, x0, y1, x1) boxes in row-major order."""
+    """The QC tile grid (`qc_tile_edges`: the last tile widened instead of a sliver).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        (Y, X) of the slide.
+    tile_size : int
+        Tile side, pixels.
+
+    Returns
+    -------
+    list of (int, int, int, int)
+        (y0, x0, y1, x1) per tile, end exclusive, in row-major order.
+    """
     row_edges = qc_tile_edges(shape[0], tile_size)
     col_edges = qc_tile_edges(shape[1], tile_size)
     return [
@@ -620,7 +673,23 @@ def qc_tile_boxes(shape: tuple[int, int], tile_size: int) -> list[tuple[int, int
 
 def read_tile(slide: Any, source: LabelSource, index: int, box: tuple[int, int, int, int],
               reference: SlideReference) -> TileView:
-    """Read one QC tile of the slide and the segmentation, with the reference's halo."""
+    """Read one QC tile of the slide and of the segmentation, with the reference's halo.
+
+    Parameters
+    ----------
+    slide : nuclei_app.io.slides.Slide
+    source : LabelSource
+    index : int
+        Position in the QC grid.
+    box : (int, int, int, int)
+        (y0, x0, y1, x1) of the tile, slide pixels.
+    reference : SlideReference
+        Channels, halo and slide shape.
+
+    Returns
+    -------
+    TileView
+    """
     y0, x0, y1, x1 = box
     height, width = reference.shape
     halo = reference.halo
@@ -672,10 +741,24 @@ def tile_objects(
 def tile_scores(
     tile: TileView, ids: np.ndarray, predictor: Any, lookup: _ObjectLookup | None, percentiles: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Detection score and head agreement of the tile's nuclei (float64, shape (n,) each).
+    """Detection score and head agreement of the tile's nuclei.
 
     From the model's heads rerun on the tile (`rescore_with_model`) when there is a
     predictor, else from the nuclei table, else NaN.
+
+    Parameters
+    ----------
+    tile : TileView
+    ids : ndarray of int, shape (n,)
+        The tile's nuclei (`tile_objects`).
+    predictor : NucleiPredictor or None
+    lookup : _ObjectLookup or None
+    percentiles : ndarray of float, shape (C, 2)
+        Whole-slide normalisation for the model's input.
+
+    Returns
+    -------
+    scores, agreements : ndarray of float64, shape (n,)
     """
     if predictor is not None:
         predicted = predictor.predict_batch([normalise_intensities(tile.raw, percentiles)])[0]
@@ -686,7 +769,20 @@ def tile_scores(
 
 
 def _seeds_in_core(teacher: np.ndarray, core: tuple[slice, slice]) -> np.ndarray:
-    """`seed_points` of the teacher's objects that lie in the tile's core, shape (n, 2) (window pixels)."""
+    """The teacher's seeds (`seed_points`) that lie in the tile without its halo.
+
+    Parameters
+    ----------
+    teacher : ndarray of uint32, shape (h, w)
+        The teacher's objects in the tile's window.
+    core : (slice, slice)
+        The tile in the window (`TileView.core`).
+
+    Returns
+    -------
+    ndarray of int64, shape (n, 2)
+        (row, col) in window pixels.
+    """
     seeds = seed_points(teacher)
     in_core = (
         (seeds[:, 0] >= core[0].start) & (seeds[:, 0] < core[0].stop)
@@ -696,7 +792,22 @@ def _seeds_in_core(teacher: np.ndarray, core: tuple[slice, slice]) -> np.ndarray
 
 
 def tile_geometry(index: int, box: tuple[int, int, int, int], pixel_size: tuple[float, float] | None) -> dict[str, Any]:
-    """A tile record's position and size, in pixels and (None without a pixel size) in µm."""
+    """A tile record's position and size, in pixels and in µm.
+
+    Parameters
+    ----------
+    index : int
+        Position in the QC grid.
+    box : (int, int, int, int)
+        (y0, x0, y1, x1), slide pixels.
+    pixel_size : (float, float) or None
+        µm per pixel (Y, X); None gives None for the µm values.
+
+    Returns
+    -------
+    dict
+        ``index, y0, x0, height, width, y0_um, x0_um, height_um, width_um``.
+    """
     y0, x0, y1, x1 = box
     return {
         "index": index,
@@ -924,7 +1035,19 @@ def overlay_name(record: dict[str, Any]) -> str:
 
 
 def rank_flagged_tiles(tiles: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The flagged tile records, worst QC score first (ties: grid order), at most ``limit``."""
+    """The flagged tile records, worst QC score first (ties: grid order).
+
+    Parameters
+    ----------
+    tiles : list of dict
+        Finished tile records (`finish_tile_records`).
+    limit : int
+        At most this many (``max_flagged_tiles``).
+
+    Returns
+    -------
+    list of dict
+    """
     flagged = sorted((t for t in tiles if t["flagged"]), key=lambda t: (t["qc_score"], t["index"]))
     return flagged[:limit]
 
@@ -932,7 +1055,24 @@ def rank_flagged_tiles(tiles: list[dict[str, Any]], limit: int) -> list[dict[str
 def draw_overlays(
     image_path: Path, source: LabelSource, tiles: list[dict[str, Any]], reference: SlideReference
 ) -> dict[str, bytes]:
-    """PNG overlays (`overlay_png`) of the given tile records, by `overlay_name`."""
+    """PNG overlays (`overlay_png`) of the given tiles: nuclear composite and nucleus outlines.
+
+    Parameters
+    ----------
+    image_path : Path
+        The slide (opened only when there is a tile to draw).
+    source : LabelSource
+        The segmentation (its flattened view is drawn).
+    tiles : list of dict
+        Tile records to draw.
+    reference : SlideReference
+        Channels and normalisation.
+
+    Returns
+    -------
+    dict of str to bytes
+        PNG file content by `overlay_name`.
+    """
     overlays: dict[str, bytes] = {}
     if not tiles:
         return overlays
@@ -950,7 +1090,23 @@ def draw_overlays(
 def flagged_tile_entries(
     flagged: list[dict[str, Any]], overlays: dict[str, bytes], overlay_prefix: str
 ) -> list[dict[str, Any]]:
-    """The report's ``flagged_tiles``: rank, position, score, reasons and overlay path (None: not drawn)."""
+    """The report's ``flagged_tiles`` entries.
+
+    Parameters
+    ----------
+    flagged : list of dict
+        Ranked tile records (`rank_flagged_tiles`).
+    overlays : dict of str to bytes
+        The overlays drawn, by `overlay_name`.
+    overlay_prefix : str
+        Folder of the overlays relative to the report.
+
+    Returns
+    -------
+    list of dict
+        Rank (from 1), tile index, position (px, µm), size, QC score, reasons and the overlay's
+        relative path (None when not drawn).
+    """
     entries = []
     for rank, record in enumerate(flagged, start=1):
         name = overlay_name(record)
@@ -985,7 +1141,21 @@ def _model_of_run_record(run_record: dict) -> dict[str, Any] | None:
 
 
 def model_provenance(predictor: Any, model_dir: str | Path | None, run_record: dict | None) -> dict[str, Any] | None:
-    """The model behind the scores: the one given to QC, else the one the run record names."""
+    """The model behind the scores: the one given to QC, else the one the run record names.
+
+    Parameters
+    ----------
+    predictor : NucleiPredictor or None
+    model_dir : str or Path, optional
+        The model folder given to QC.
+    run_record : dict or None
+        The segmentation's completion record.
+
+    Returns
+    -------
+    dict or None
+        ``model_id``, ``path``, ``sha256``, ``source`` (``model`` or ``run_record``).
+    """
     card = predictor.card if predictor is not None else None
     if card is not None:
         return {"model_id": card.get("model_id"), "path": str(Path(model_dir).resolve()),
@@ -997,7 +1167,20 @@ def qc_parameters(
     reference: SlideReference, thresholds: QCThresholds, scores_from: str | None,
     morphology_reference: dict[str, float] | None,
 ) -> dict[str, Any]:
-    """The report's ``provenance.parameters``: thresholds and what was derived from the slide."""
+    """The report's ``provenance.parameters``: thresholds and what was derived from the slide.
+
+    Parameters
+    ----------
+    reference : SlideReference
+    thresholds : QCThresholds
+    scores_from : {"model", "table"} or None
+    morphology_reference : dict of float or None
+        Medians and spreads of `judge_morphology`.
+
+    Returns
+    -------
+    dict
+    """
     return {
         "thresholds": thresholds.to_dict(),
         "qc_score_weights": dict(QC_SCORE_WEIGHTS),
@@ -1022,7 +1205,21 @@ def qc_parameters(
 def qc_provenance(
     inputs: QCInputs, model: dict[str, Any] | None, run_record: dict | None, parameters: dict[str, Any]
 ) -> dict[str, Any]:
-    """The report's ``provenance``: inputs with sha256, model, segmentation, software, time, parameters."""
+    """The report's ``provenance``: inputs with sha256, model, segmentation, software, time, parameters.
+
+    Parameters
+    ----------
+    inputs : QCInputs
+    model : dict or None
+        `model_provenance`.
+    run_record : dict or None
+    parameters : dict
+        `qc_parameters`.
+
+    Returns
+    -------
+    dict
+    """
     return {
         "image": {"path": str(inputs.image_path.resolve()), "sha256": path_sha256(inputs.image_path)},
         "labels": {"path": str(inputs.labels_path.resolve()), "sha256": path_sha256(inputs.labels_path)},
@@ -1040,7 +1237,7 @@ def qc_provenance(
             "version": __version__,
             "python": platform.python_version(),
             "numpy": np.__version__,
-            "scikit-image": __import__("skimage").__version__,
+            "scikit-image": skimage.__version__,
         },
         "created_at": utc_timestamp(),
         "parameters": parameters,
@@ -1171,14 +1368,29 @@ class QCResult:
         return self.report["status"]
 
 
-def validate_qc_report(report: dict[str, Any]) -> None:
-    """Raise `InvalidQCReportError` listing every way ``report`` breaks the ``qc_report`` schema."""
+def check_built_report(instance: dict[str, Any], schema: str, what: str) -> None:
+    """Raise `InvalidQCReportError` naming the first five ways ``instance`` breaks ``schema``.
 
-    problems = schema_errors(report, "qc_report")
+    For what the app itself built (a bug when it breaks its schema, never a user error).
+
+    Parameters
+    ----------
+    instance : dict
+    schema : str
+        Schema name (``qc_report``, ``group_qc``).
+    what : str
+        What it is, for the message (``QC report``).
+    """
+    problems = schema_errors(instance, schema)
     if problems:
         raise InvalidQCReportError(
-            f"nuclei-app built a QC report that breaks its schema (a bug; please report it): {'; '.join(problems[:5])}"
+            f"nuclei-app built a {what} that breaks its schema (a bug; please report it): {'; '.join(problems[:5])}"
         )
+
+
+def validate_qc_report(report: dict[str, Any]) -> None:
+    """Raise `InvalidQCReportError` listing every way ``report`` breaks the ``qc_report`` schema."""
+    check_built_report(report, "qc_report", "QC report")
 
 
 def write_qc_report(
