@@ -15,8 +15,8 @@ from nuclei_app.qc.slide import InvalidQCReportError, validate_qc_report, write_
 from nuclei_app.core.tiling import qc_tile_edges
 from nuclei_app.core.intensity import signal_autocorrelation
 from nuclei_app.qc.rules import load_qc_config, qc_status
-from nuclei_app.qc.metrics import foreground_coverage, foreground_precision, morphology_outliers, overlapping_ids, seed_points, seed_recall, straight_cut_ids, tile_qc_score
-from nuclei_app.schemas import schema_errors
+from nuclei_app.qc.metrics import SLIDE_METRICS, foreground_coverage, foreground_precision, morphology_outliers, overlapping_ids, seed_points, seed_recall, straight_cut_ids, tile_qc_score
+from nuclei_app.schemas import load_schema, schema_errors
 
 #: 360 x 360 px, 36 nuclei of about 40 px (DSB 2018 stage 1, CC0): fast and a clean "good" case.
 SMALL = "dsb_5488e8df5440"
@@ -402,3 +402,8 @@ def test_qc_config_schema_matches_the_thresholds_dataclass():
     properties = load_schema("qc_config")["properties"]
     assert list(properties) == [f.name for f in fields(QCThresholds)]
     assert {name: spec["default"] for name, spec in properties.items()} == QCThresholds().to_dict()
+
+
+def test_slide_metrics_are_written_in_the_schema_order():
+    slide = load_schema("qc_report")["properties"]["slide"]
+    assert list(SLIDE_METRICS) == slide["required"] == list(slide["properties"])
