@@ -11,9 +11,9 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
-from nuclei_app.errors import CannotCreateOutputError, InputOutputError
+from nuclei_app.errors import os_error_to_user_error
 
 
 def partial_name(path: Path) -> Path:
@@ -21,10 +21,9 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.partial-{os.getpid()}")
 
 
-def raise_for_os_error(error: OSError, path: Path) -> None:
-    if error.errno in (28, 122):  # ENOSPC, EDQUOT
-        raise InputOutputError("no space left on device; free space or choose another output folder", path)
-    raise CannotCreateOutputError(f"cannot write ({error.strerror}); choose a writable output path", path)
+def raise_for_os_error(error: OSError, path: str | Path) -> NoReturn:
+    """Raise the user error `nuclei_app.errors.os_error_to_user_error` maps ``error`` to, naming ``path``."""
+    raise os_error_to_user_error(error, path) from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -6,6 +6,7 @@ single line on stderr and the exit code, never a traceback.
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 from pathlib import Path
 
@@ -66,3 +67,44 @@ class CannotCreateOutputError(NucleiAppError):
 
 class InputOutputError(NucleiAppError):
     exit_code = ExitCode.IO_ERROR
+
+
+#: errno values of a write that failed for lack of space (disk full, quota, file size limit).
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+#: errno values of a path that cannot be written (permissions, read-only, a file in the way).
+_NOT_WRITABLE = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOENT,
+    errno.ENAMETOOLONG,
+})
+
+
+def os_error_to_user_error(error: OSError, path: str | Path | None = None) -> NucleiAppError:
+    """The user error (and so the exit code) for an operating-system error while writing.
+
+    The one OSError-to-exit-code mapping of the app: no space left (disk full, quota, file
+    size limit) is an I/O error (74), a path that cannot be written (permissions, read-only
+    file system, a file where a folder should be) cannot be created (73), and any other
+    operating-system error is an I/O error (74).
+
+    Parameters
+    ----------
+    error : OSError
+        What the operating system raised.
+    path : str or Path, optional
+        The output to name in the message (default: the file the error names).
+
+    Returns
+    -------
+    NucleiAppError
+        To be raised by the caller (``raise os_error_to_user_error(error, path) from None``).
+    """
+    where = path if path is not None else error.filename
+    reason = error.strerror or type(error).__name__
+    if error.errno in _NO_SPACE:
+        return InputOutputError(
+            f"disk full or file size limit reached ({reason}); free space or choose another output folder", where
+        )
+    if error.errno in _NOT_WRITABLE:
+        return CannotCreateOutputError(f"cannot write ({reason}); choose a writable output path", where)
+    return InputOutputError(f"I/O error ({reason}); check the disk and rerun", where)
