@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25, help="functions listed by own time")
     args = parser.parse_args()
 
-    from nuclei_app.config import TrainingConfig
+    from nuclei_app.config import SegmentConfig, TrainingConfig
     from nuclei_app.core.metrics import score_instances
     from nuclei_app.io.labels import read_labels
     from nuclei_app.segment.predictors import PredictorSpec
@@ -75,8 +75,8 @@ def main() -> int:
     profile = cProfile.Profile()
     started = time.monotonic()
     profile.enable()
-    result = segment_slide(slide, output, PredictorSpec("model", model_dir=str(model), device="cpu"), resume=False,
-                           progress=False)
+    result = segment_slide(slide, output, PredictorSpec("model", model_dir=str(model)),
+                           SegmentConfig(device="cpu", resume=False), progress=False)
     profile.disable()
     seconds = time.monotonic() - started
     scores = score_instances(read_labels(output), tifffile.imread(truth))

@@ -8,30 +8,32 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from nuclei_app import __version__
-from nuclei_app.errors import ExitCode, NucleiAppError
-from nuclei_app.schemas import export_schemas
-from nuclei_app.errors import InvalidBIDSError
 from nuclei_app.bids.validate import validate_dataset
-from nuclei_app.demo import run_demo
-from nuclei_app.progress import configure_logging
-from nuclei_app.io.slides import open_slide
-from nuclei_app.core.channels import select_nuclear_channels
-from nuclei_app.config import TrainingConfig
-from nuclei_app.evaluate import evaluate_paths
-from nuclei_app.workflows import weak_label_file
-from nuclei_app.errors import UsageError
-from nuclei_app.segment.predictors import PredictorSpec
-from nuclei_app.segment.pipeline import segment_slide
-from nuclei_app.qc.slide import write_qc_report
-from nuclei_app.bids_app.settings import build_run_config, read_config_file
 from nuclei_app.bids_app.app import run_bids_app
-from nuclei_app.bids_app.settings import bids_app_argv
+from nuclei_app.bids_app.settings import bids_app_argv, load_run_config, read_label_arguments
+from nuclei_app.config import RunConfig, SegmentConfig, TrainingConfig, override
+from nuclei_app.core.channels import select_nuclear_channels
+from nuclei_app.demo import run_demo
+from nuclei_app.errors import ExitCode, InvalidBIDSError, NucleiAppError
+from nuclei_app.evaluate import evaluate_paths
+from nuclei_app.io.slides import open_slide
+from nuclei_app.progress import configure_logging
+from nuclei_app.qc.slide import write_qc_report
+from nuclei_app.schemas import export_schemas
+from nuclei_app.segment.predictors import WEAK_METHODS, PredictorSpec
+from nuclei_app.workflows import segment_then_qc, weak_label_file
+
+#: Defaults of every option that sets a `SegmentConfig`, `TrainingConfig` or `RunConfig` field.
+SEGMENT = SegmentConfig()
+TRAINING = TrainingConfig()
+RUN = RunConfig()
 
 app = typer.Typer(
     name="nuclei-app",
@@ -137,16 +139,18 @@ def info_command(
 def train_command(
     inputs: list[Path] = typer.Argument(..., help="Image files (OME-TIFF, OME-Zarr, TIFF) and/or BIDS folders."),
     output_dir: Path = typer.Option(..., "-o", "--output-dir", help="Model folder to write."),
-    preset: str = typer.Option("tiny", help="Model size: tiny (CPU, minutes), small, paper (ResNet-50-FPN, GPU)."),
-    heads: int = typer.Option(3, help="Number of RoI heads sharing the backbone (K >= 1)."),
-    rounds: int = typer.Option(2, help="Self-training rounds after round 0 (correct + expand + retrain)."),
-    max_minutes: float = typer.Option(12.0, help="Wall-clock budget for training; rounds stop early when spent."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps in round 0 (later rounds: half). Default: the preset's."),
+    preset: str = typer.Option(TRAINING.preset, help="Model size: tiny (CPU, minutes), small, paper (ResNet-50-FPN, GPU)."),
+    heads: int = typer.Option(TRAINING.heads, help="Number of RoI heads sharing the backbone (K >= 1)."),
+    rounds: int = typer.Option(TRAINING.rounds, help="Self-training rounds after round 0 (correct + expand + retrain)."),
+    max_minutes: float = typer.Option(TRAINING.max_minutes, help="Wall-clock budget for training; rounds stop early when spent."),
+    steps: Optional[int] = typer.Option(
+        TRAINING.steps_per_round, help="Optimizer steps in round 0 (later rounds: half). Default: the preset's."
+    ),
     fill_budget: bool = typer.Option(
-        False, "--fill-budget",
+        TRAINING.fill_budget, "--fill-budget",
         help="Train until --max-minutes is spent (steps fitted to the measured speed; not with --steps). "
              "The step count then depends on the machine, so runs are not bit-identical."),
-    seed: int = typer.Option(0, help="Random seed; same inputs and seed give the same model on CPU."),
+    seed: int = typer.Option(TRAINING.seed, help="Random seed; same inputs and seed give the same model on CPU."),
     nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -177,7 +181,6 @@ def evaluate_command(
     """Score predicted nuclei against ground truth: F1@0.5, AP@0.5:0.95, AJI+, PQ per image, mean and pooled."""
     from rich.console import Console
 
-
     report = evaluate_paths(prediction, ground_truth)
     Console(width=140).print(report.table())
     for path in report.predictions_without_truth:
@@ -198,9 +201,6 @@ def weak_command(
     diameter: Optional[float] = typer.Option(None, help="Nucleus diameter in pixels (default: estimated from the image)."),
 ) -> None:
     """Label nuclei with a classical weak labeler (the teacher), for one image or tile held in memory."""
-    import warnings
-
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         result = weak_label_file(image, output, method=method, nuclear_channels=nuclear_channels, diameter=diameter)
@@ -215,27 +215,37 @@ def segment_command(
     output: Path = typer.Option(..., "-o", "--output", help="Segmentation store to write (OUT.ome.zarr, NGFF 0.4)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Trained model folder (from `nuclei-app train`)."),
     method: Optional[str] = typer.Option(
-        None, "--method", help="Segment without a model: 'weak' (LoG labeler), 'weak-log' or 'weak-otsu'."
+        None, "--method", help=f"Segment without a model: {', '.join(WEAK_METHODS)} (the weak labeler)."
     ),
     table: Optional[Path] = typer.Option(None, "--table", help="Per-nucleus TSV (+ .json column sidecar)."),
     geojson: Optional[Path] = typer.Option(None, "--geojson", help="Nucleus polygons as GeoJSON (QuPath detections)."),
-    tile: int = typer.Option(512, help="Tile side in pixels."),
-    overlap: int = typer.Option(64, help="Tile overlap in pixels (more than the largest nucleus)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per predictor call and per parallel task."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (model only)."),
-    nuclear_channels: Optional[str] = typer.Option(None, help="Comma-separated nuclear channel names (default: auto)."),
-    nprocs: int = typer.Option(1, help="Worker processes of a local Dask cluster (1: no cluster)."),
-    dask_scheduler: Optional[str] = typer.Option(
-        None, "--dask-scheduler", help="Use an existing Dask scheduler, e.g. tcp://HOST:8786 (dask-jobqueue on SLURM/PBS)."
+    tile: int = typer.Option(SEGMENT.tile, help="Tile side in pixels (at least 64)."),
+    overlap: int = typer.Option(
+        SEGMENT.overlap, help="Tile overlap in pixels: 0 or more, below half the tile, more than the largest nucleus."
     ),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse finished tiles of an interrupted run."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Cache of per-tile results (default: beside the output)."),
+    batch_size: int = typer.Option(SEGMENT.batch_size, "--batch-size", help="Tiles per predictor call and per parallel task."),
+    device: str = typer.Option(SEGMENT.device, help="auto, cpu or cuda (model only)."),
+    nuclear_channels: Optional[str] = typer.Option(
+        SEGMENT.nuclear_channels, help="Comma-separated nuclear channel names (default: auto)."
+    ),
+    nprocs: int = typer.Option(SEGMENT.nprocs, help="Worker processes of a local Dask cluster (1: no cluster)."),
+    mem: Optional[str] = typer.Option(
+        SEGMENT.mem, "--mem", help="Total memory of the Dask workers, e.g. 8GB (split evenly as dask's memory_limit)."
+    ),
+    dask_scheduler: Optional[str] = typer.Option(
+        SEGMENT.dask_scheduler, "--dask-scheduler",
+        help="Use an existing Dask scheduler, e.g. tcp://HOST:8786 (dask-jobqueue on SLURM/PBS).",
+    ),
+    resume: bool = typer.Option(SEGMENT.resume, "--resume/--no-resume", help="Reuse finished tiles of an interrupted run."),
+    work_dir: Optional[Path] = typer.Option(
+        SEGMENT.work_dir, "--work-dir", help="Cache of per-tile results (default: beside the output)."
+    ),
     qc_report: Optional[Path] = typer.Option(
         None, "--qc", help="Self-diagnosis report to write (default: OUT_qc.json beside the output)."
     ),
     skip_qc: bool = typer.Option(False, "--no-qc", help="Do not write the self-diagnosis report."),
     score_threshold: Optional[float] = typer.Option(
-        None, "--score-threshold",
+        SEGMENT.score_threshold, "--score-threshold",
         help="Drop nuclei whose consensus score is below this (default: the cut-off the model chose at training, "
              "recorded in its model_card.json).",
     ),
@@ -243,24 +253,16 @@ def segment_command(
     """Segment a whole slide tile by tile: OME-Zarr labels (+ overlap layers), table, GeoJSON, QC report."""
 
     configure_logging()
-    if (model is None) == (method is None):
-        raise UsageError("give exactly one of --model MODEL_DIR or --method weak")
-    if nprocs > 1 and dask_scheduler:
-        raise UsageError("give either --nprocs or --dask-scheduler, not both")
-    if model is not None:
-        spec = PredictorSpec("model", model_dir=str(model), device=device, score_threshold=score_threshold)
-    else:
-        if score_threshold is not None:
-            raise UsageError("--score-threshold applies to a model (--model), not to the weak labeler")
-        weak_methods = {"weak": "log", "weak-log": "log", "weak-otsu": "otsu"}
-        if method not in weak_methods:
-            raise UsageError(f"--method must be one of {', '.join(weak_methods)}, got {method!r}")
-        spec = PredictorSpec("weak", method=weak_methods[method])
-    result = segment_slide(
-        image, output, spec, tile=tile, overlap=overlap, batch_size=batch_size,
-        nuclear_channels=nuclear_channels, table_path=table, geojson_path=geojson, nprocs=nprocs,
-        dask_scheduler=dask_scheduler, resume=resume, work_dir=work_dir,
+    config = SegmentConfig(
+        tile=tile, overlap=overlap, batch_size=batch_size, device=device, nuclear_channels=nuclear_channels,
+        score_threshold=score_threshold, nprocs=nprocs, mem=mem, dask_scheduler=dask_scheduler, resume=resume,
+        work_dir=None if work_dir is None else str(work_dir),
     )
+    done = segment_then_qc(
+        image, output, PredictorSpec.choose(model, method), config, table_path=table, geojson_path=geojson,
+        qc_path=qc_report, write_qc=not skip_qc,
+    )
+    result = done.segmentation
     for warning in result.warnings:
         typer.echo(f"nuclei-app: warning: {image}: {warning}", err=True)
     typer.echo(
@@ -268,15 +270,8 @@ def segment_command(
         f"({result.n_tiles_skipped_empty} without tissue, {result.n_tiles_reused} reused), "
         f"{result.megapixels_per_second:.2f} MP/s of tissue -> {result.output_path}"
     )
-    if not skip_qc:
-
-        qc_path = qc_report or output.with_name(output.name.removesuffix(".ome.zarr").removesuffix(".zarr") + "_qc.json")
-        # With a table the per-nucleus scores and head agreement are already measured: QC reads
-        # them instead of running the model over the slide a second time (which doubled the time).
-        qc = write_qc_report(output, image, qc_path, model_dir=None if table is not None else model, table_path=table,
-                             nuclear_channels=nuclear_channels, device=device if device != "auto" else "cpu",
-                             score_threshold=score_threshold)
-        typer.echo(f"QC {qc.status} -> {qc.path}")
+    if done.qc is not None:
+        typer.echo(f"QC {done.qc.status} -> {done.qc.path}")
 
 
 @app.command("qc")
@@ -323,13 +318,15 @@ def run_command(
     session_label: Optional[list[str]] = typer.Option(None, "--session-label", help="Session(s), as --participant-label."),
     sample_label: Optional[list[str]] = typer.Option(None, "--sample-label", help="Sample(s), as --participant-label."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Intermediate files (default: OUTPUT_DIR/.work)."),
-    nprocs: Optional[int] = typer.Option(None, "--nprocs", help="Dask worker processes per slide (default 1: in-process)."),
+    nprocs: Optional[int] = typer.Option(
+        None, "--nprocs", help=f"Dask worker processes per slide (default {SEGMENT.nprocs}: in-process)."
+    ),
     mem: Optional[str] = typer.Option(None, "--mem", help="Total memory of the Dask workers, e.g. 8GB (dask memory_limit)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Model size: tiny (default), small, paper."),
+    device: Optional[str] = typer.Option(None, "--device", help=f"auto, cpu or cuda (default {SEGMENT.device})."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"Model size: tiny, small, paper (default {RUN.preset})."),
     model: Optional[Path] = typer.Option(None, "--model", help="Use this model folder instead of OUTPUT_DIR/models/<id> (participant)."),
     nuclear_channels: Optional[str] = typer.Option(None, "--nuclear-channels", help="Comma-separated nuclear channel names (default: auto)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Random seed (default {RUN.seed})."),
     skip_bids_validation: Optional[bool] = typer.Option(
         None, "--skip-bids-validation", help="Do not validate the input dataset first."
     ),
@@ -337,13 +334,26 @@ def run_command(
     dask_scheduler: Optional[str] = typer.Option(
         None, "--dask-scheduler", help="Existing Dask scheduler for the tiles, e.g. tcp://HOST:8786 (dask-jobqueue)."
     ),
-    heads: Optional[int] = typer.Option(None, "--heads", help="Training: RoI heads (default 3)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="Training: self-training rounds after round 0 (default 2)."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Training: time budget in minutes (default 12)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help=f"Training: RoI heads (default {RUN.heads})."),
+    rounds: Optional[int] = typer.Option(
+        None, "--rounds", help=f"Training: self-training rounds after round 0 (default {RUN.rounds})."
+    ),
+    max_minutes: Optional[float] = typer.Option(
+        None, "--max-minutes", help=f"Training: time budget in minutes (default {RUN.max_minutes:g})."
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training: optimizer steps of round 0 (default: the preset's)."),
-    tile: Optional[int] = typer.Option(None, "--tile", help="Segmentation tile side in pixels (default 512)."),
-    overlap: Optional[int] = typer.Option(None, "--overlap", help="Segmentation tile overlap in pixels (default 64)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per predictor call (default 4)."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", help=f"Segmentation tile side in pixels, at least 64 (default {SEGMENT.tile})."
+    ),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", help=f"Segmentation tile overlap in pixels, below half the tile (default {SEGMENT.overlap})."
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help=f"Tiles per predictor call (default {SEGMENT.batch_size})."
+    ),
+    score_threshold: Optional[float] = typer.Option(
+        None, "--score-threshold", help="Drop nuclei scored below this (default: the model's own cut-off)."
+    ),
     qc_config: Optional[Path] = typer.Option(None, "--qc-config", help="QC thresholds file (schemas/qc_config.schema.json)."),
     config: Optional[Path] = typer.Option(
         None, "--config", help="Settings file, JSON or TOML (schemas/run_config.schema.json); options given here override it."
@@ -358,16 +368,21 @@ def run_command(
     """
 
     configure_logging()
-    overrides = {
-        "participant_label": participant_label, "session_label": session_label, "sample_label": sample_label,
-        "work_dir": None if work_dir is None else str(work_dir), "nprocs": nprocs, "mem": mem, "device": device,
-        "preset": preset, "model": None if model is None else str(model), "nuclear_channels": nuclear_channels,
-        "seed": seed, "skip_bids_validation": skip_bids_validation, "resume": resume, "dask_scheduler": dask_scheduler,
-        "heads": heads, "rounds": rounds, "max_minutes": max_minutes, "steps": steps, "tile": tile, "overlap": overlap,
-        "batch_size": batch_size, "qc_config": None if qc_config is None else str(qc_config),
-    }
-    file_values = read_config_file(config) if config is not None else None
-    result = run_bids_app(bids_dir, output_dir, analysis_level, build_run_config(file_values, overrides))
+    base = load_run_config(config)
+    segment = override(
+        base.segment, tile=tile, overlap=overlap, batch_size=batch_size, device=device,
+        nuclear_channels=nuclear_channels, score_threshold=score_threshold, nprocs=nprocs, mem=mem,
+        dask_scheduler=dask_scheduler, resume=resume, work_dir=None if work_dir is None else str(work_dir),
+    )
+    run_config = override(
+        base, segment=segment, participant_label=read_label_arguments(participant_label, "participant"),
+        session_label=read_label_arguments(session_label, "session"),
+        sample_label=read_label_arguments(sample_label, "sample"), preset=preset,
+        model=None if model is None else str(model), seed=seed, skip_bids_validation=skip_bids_validation,
+        heads=heads, rounds=rounds, max_minutes=max_minutes, steps=steps,
+        qc_config=None if qc_config is None else str(qc_config),
+    )
+    result = run_bids_app(bids_dir, output_dir, analysis_level, run_config)
     for line in result.lines():
         typer.echo(line)
     result.raise_for_failures()

@@ -1,14 +1,23 @@
-"""Configuration in one typed place: model presets and training settings.
+"""Configuration in one typed place: model presets, training, segmentation, QC and run settings.
 
-Every output records the configuration that produced it (`dataclasses.asdict`).
+Defaults and validation of every setting live here and nowhere else: `TrainingConfig`,
+`SegmentConfig`, `QCThresholds` and `RunConfig` (which composes a `SegmentConfig`).
+Library entry points take these objects, command-line option defaults come from them, and
+every output records the configuration that produced it (`dataclasses.asdict`).
+Settings files (JSON or TOML) are read by `read_settings_file`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
 
-from nuclei_app.errors import UsageError
+from nuclei_app.errors import MissingInputError, UsageError
+from nuclei_app.schemas import schema_errors
 
 
 @dataclass(frozen=True)
@@ -186,12 +195,15 @@ class TrainingConfig:
 
     @property
     def model_preset(self) -> ModelPreset:
+        """The `ModelPreset` named by ``preset``."""
         return get_preset(self.preset)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values of every field."""
         return asdict(self)
 
     def with_changes(self, **changes: Any) -> "TrainingConfig":
+        """A copy with ``changes`` applied (and validated)."""
         return replace(self, **changes)
 
 
@@ -257,6 +269,7 @@ class QCThresholds:
                 raise UsageError(f"QC {metric}_fail must not be below {metric}_warn (lower is better)")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values of every field."""
         return asdict(self)
 
 
@@ -277,8 +290,6 @@ def parse_memory_size(text: str) -> int:
     UsageError
         Not a positive number followed by an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).
     """
-    import re
-
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _MEMORY_UNITS or float(match.group(1)) <= 0:
@@ -286,75 +297,230 @@ def parse_memory_size(text: str) -> int:
     return int(float(match.group(1)) * _MEMORY_UNITS[unit])
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Settings of one BIDS-App run (`nuclei-app run BIDS_DIR OUTPUT_DIR LEVEL`).
+#: Devices a model may run on (``auto``: CUDA when a GPU is visible).
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
-    Field names are the keys of a ``--config`` file (schema ``run_config``) and, with
-    dashes, the command-line options; the effective value of every field is written to
-    ``OUTPUT_DIR/logs/config-<level>-<time>-<pid>.json`` (itself a valid ``--config`` file).
-    Labels are stored without their ``sub-``/``ses-``/``sample-`` prefix.
+#: Smallest segmentation tile side accepted, level-0 pixels (smaller tiles are mostly overlap).
+MIN_TILE_PX = 64
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything that decides how a slide is segmented (`nuclei-app segment`, and each slide of
+    `nuclei-app run ... participant`); recorded in the store's ``nuclei-app_run.json``.
+
+    Tile geometry (the one rule both commands apply): ``tile`` is at least 64 pixels and
+    ``overlap`` is 0 or more and below half the tile. Cores (and output chunks) are then
+    ``tile - overlap`` pixels, wider than the overlap, so a tile's window never reaches
+    the core of the tile two away. The overlap should exceed the largest nucleus.
+
+    Attributes
+    ----------
+    tile, overlap : int
+        Tile side and overlap between neighbouring tiles, level-0 pixels.
+    batch_size : int
+        Tiles per predictor call and per parallel task.
+    device : {"auto", "cpu", "cuda"}
+        Where a model runs (``auto``: CUDA when a GPU is visible).
+    nuclear_channels : str, optional
+        Comma-separated channel names to segment on (a sequence of names is joined); default:
+        the model's channels, or every recognised nuclear stain for the weak labeler.
+    score_threshold : float, optional
+        Drop nuclei whose consensus score is below this (model only); default: the cut-off
+        the model chose at training (its ``model_card.json``).
+    nprocs : int
+        Worker processes of a local Dask cluster (1: in this process).
+    mem : str, optional
+        Total memory of those workers, e.g. ``"8GB"`` (split evenly, Dask ``memory_limit``).
+    dask_scheduler : str, optional
+        Address of an existing Dask scheduler (``tcp://HOST:PORT``); excludes ``nprocs > 1``.
+    resume : bool
+        Reuse the per-tile results of an interrupted run and a finished matching output.
+    work_dir : str, optional
+        Cache of per-tile results (default: ``.<output name>.work`` beside the output;
+        for `run`, ``OUTPUT_DIR/.work``).
     """
 
-    participant_label: tuple[str, ...] | None = None
-    session_label: tuple[str, ...] | None = None
-    sample_label: tuple[str, ...] | None = None
-    work_dir: str | None = None  # None: OUTPUT_DIR/.work
-    nprocs: int = 1  # worker processes of a local Dask cluster per slide (1: in-process)
-    mem: str | None = None  # total memory of the Dask workers, e.g. "8GB" (split evenly between them)
-    device: str = "auto"
-    preset: str = "tiny"
-    model: str | None = None  # an existing model folder instead of OUTPUT_DIR/models/<model-id>
-    nuclear_channels: str | None = None  # comma-separated channel names (None: automatic)
-    seed: int = 0
-    skip_bids_validation: bool = False
-    resume: bool = True
-    dask_scheduler: str | None = None  # address of an existing scheduler (dask-jobqueue, SLURM/PBS)
-    heads: int = 3
-    rounds: int = 2
-    max_minutes: float = 12.0
-    steps: int | None = None  # optimizer steps of round 0 (None: the preset's)
     tile: int = 512
     overlap: int = 64
     batch_size: int = 4
-    qc_config: str | None = None  # QC thresholds file (schema qc_config)
+    device: str = "auto"
+    nuclear_channels: str | None = None
+    score_threshold: float | None = None
+    nprocs: int = 1
+    mem: str | None = None
+    dask_scheduler: str | None = None
+    resume: bool = True
+    work_dir: str | None = None
 
     def __post_init__(self) -> None:
-        get_preset(self.preset)
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.nuclear_channels is not None and not isinstance(self.nuclear_channels, str):
+            object.__setattr__(self, "nuclear_channels", ",".join(str(name) for name in self.nuclear_channels))
+        if self.work_dir is not None:
+            object.__setattr__(self, "work_dir", str(self.work_dir))
+        if self.tile < MIN_TILE_PX:
+            raise UsageError(f"--tile must be at least {MIN_TILE_PX} pixels, got {self.tile}")
+        if not 0 <= self.overlap < self.tile / 2:
+            raise UsageError(
+                f"--overlap must be 0 or more and below half the tile ({self.tile} / 2 = {self.tile / 2:g}), "
+                f"got {self.overlap}"
+            )
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.device not in DEVICES:
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
+            raise UsageError(f"--score-threshold must be between 0 and 1, got {self.score_threshold}")
         if self.nprocs < 1:
             raise UsageError(f"--nprocs must be at least 1, got {self.nprocs}")
         if self.nprocs > 1 and self.dask_scheduler:
             raise UsageError("give either --nprocs or --dask-scheduler, not both")
         if self.mem is not None:
             parse_memory_size(self.mem)
-        if self.tile < 64 or not 0 <= self.overlap < self.tile // 2:
-            raise UsageError(f"--tile must be at least 64 and --overlap below half of it, got {self.tile}, {self.overlap}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        """``mem`` in bytes (None: Dask's own limit)."""
+        return None if self.mem is None else parse_memory_size(self.mem)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values."""
+        return asdict(self)
+
+
+_Config = TypeVar("_Config")
+
+
+def override(config: _Config, **given: Any) -> _Config:
+    """``config`` with the fields in ``given`` that are not None replaced (options given on a
+    command line override a settings file); validated once, as a whole."""
+    changes = {name: value for name, value in given.items() if value is not None}
+    return replace(config, **changes) if changes else config
+
+
+def read_settings_file(path: str | Path, schema: str, what: str, section: str | None = None) -> dict[str, Any]:
+    """Read a settings file (JSON, or TOML when it ends in ``.toml``) and check it against ``schema``.
+
+    The one reader of settings files (`run --config`, QC configs), with the same messages
+    and exit codes for each.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    schema : str
+        Name of the JSON Schema the settings must match (e.g. ``"run_config"``).
+    what : str
+        What the file is, for messages (e.g. ``"run config"``, ``"QC config"``).
+    section : str, optional
+        A file holding only this key (a ``[section]`` table) is read as its content.
+
+    Returns
+    -------
+    dict
+        The settings.
+
+    Raises
+    ------
+    MissingInputError (66)
+        The file does not exist or cannot be read.
+    UsageError (64)
+        Not valid JSON/TOML, not one object / table, or settings that break the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{what} file not found; give an existing .json or .toml file", path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise MissingInputError(f"cannot read the {what} file ({reason}); check its permissions and encoding", path) from None
+    try:
+        values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"cannot parse the {what} ({first_line}); fix the JSON/TOML syntax", path) from None
+    if section is not None and isinstance(values, dict) and set(values) == {section} and isinstance(values[section], dict):
+        values = values[section]
+    if not isinstance(values, dict):
+        raise UsageError(f"the {what} must hold one object / table of settings", path)
+    problems = schema_errors(values, schema)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UsageError(f"invalid {what}: {problems[0]}{more}; see `nuclei-app schemas` ({schema})", path)
+    return values
+
+
+#: `run` settings that are `SegmentConfig` fields (every one of them; the rest are `RunConfig`'s own).
+SEGMENT_SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(SegmentConfig))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one BIDS-App run (`nuclei-app run BIDS_DIR OUTPUT_DIR LEVEL`).
+
+    The names of its own fields and of its `SegmentConfig`'s fields, side by side, are the keys
+    of a ``--config`` file (schema ``run_config``) and, with dashes, the command-line options;
+    the effective value of every one is written to ``OUTPUT_DIR/logs/config-<level>-<time>-<pid>.json``
+    (itself a valid ``--config`` file; `to_dict`, `from_settings`). ``segment.work_dir`` is the
+    run's work folder (None: ``OUTPUT_DIR/.work``), ``segment.device``, ``segment.resume`` and
+    ``segment.nuclear_channels`` apply to training too. Labels are stored without their
+    ``sub-``/``ses-``/``sample-`` prefix.
+    """
+
+    participant_label: tuple[str, ...] | None = None
+    session_label: tuple[str, ...] | None = None
+    sample_label: tuple[str, ...] | None = None
+    preset: str = TrainingConfig.preset
+    model: str | None = None  # an existing model folder instead of OUTPUT_DIR/models/<model-id>
+    seed: int = TrainingConfig.seed
+    skip_bids_validation: bool = False
+    heads: int = TrainingConfig.heads
+    rounds: int = TrainingConfig.rounds
+    max_minutes: float = TrainingConfig.max_minutes
+    steps: int | None = TrainingConfig.steps_per_round  # optimizer steps of round 0 (None: the preset's)
+    qc_config: str | None = None  # QC thresholds file (schema qc_config)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
         self.training_config()  # heads, rounds and max_minutes are checked there
 
-    @property
-    def memory_limit_bytes(self) -> int | None:
-        return None if self.mem is None else parse_memory_size(self.mem)
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """The `RunConfig` of flat settings (the keys of a ``--config`` file; labels already as tuples).
+
+        Raises
+        ------
+        UsageError
+            An unknown key, or a value its config refuses.
+        """
+        own = {f.name for f in fields(cls)} - {"segment"}
+        unknown = sorted(set(values) - own - set(SEGMENT_SETTINGS))
+        if unknown:
+            raise UsageError(
+                f"unknown run setting(s) {', '.join(unknown)}; choose from {', '.join(sorted(own | set(SEGMENT_SETTINGS)))}"
+            )
+        segment = SegmentConfig(**{key: value for key, value in values.items() if key in SEGMENT_SETTINGS})
+        return cls(segment=segment, **{key: value for key, value in values.items() if key in own})
 
     def training_config(self) -> TrainingConfig:
         """The `TrainingConfig` of the dataset model this run trains."""
         return TrainingConfig(
             preset=self.preset, heads=self.heads, rounds=self.rounds, max_minutes=self.max_minutes,
-            steps_per_round=self.steps, seed=self.seed, device=self.device,
+            steps_per_round=self.steps, seed=self.seed, device=self.segment.device,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values (label tuples as lists); valid against the ``run_config`` schema."""
-        values = asdict(self)
+        """Flat JSON-ready settings (label tuples as lists); valid against the ``run_config`` schema."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "segment"}
         for key in ("participant_label", "session_label", "sample_label"):
             if values[key] is not None:
                 values[key] = list(values[key])
-        return values
+        return {**values, **self.segment.to_dict()}
 
     def with_changes(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes`` applied (and validated)."""
         return replace(self, **changes)

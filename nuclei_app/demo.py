@@ -16,7 +16,7 @@ from nuclei_app.errors import CannotCreateOutputError
 from nuclei_app.sample_data import make_sample_dataset
 from nuclei_app.bids.validate import validate_dataset
 from nuclei_app.bids_app.app import run_bids_app
-from nuclei_app.config import RunConfig
+from nuclei_app.config import RunConfig, SegmentConfig
 from nuclei_app.evaluate import evaluate_paths
 from nuclei_app.bids_app.models import read_models_index
 
@@ -128,8 +128,8 @@ def _run_pipeline(summary: DemoSummary, derivatives: Path, steps: int, rounds: i
 
     dataset = summary.dataset
     # validated just above; the three levels share one configuration, as a pipeline would
-    config = RunConfig(seed=summary.seed, steps=steps, rounds=rounds, max_minutes=max_minutes, device=device,
-                       skip_bids_validation=True)
+    config = RunConfig(seed=summary.seed, steps=steps, rounds=rounds, max_minutes=max_minutes,
+                       skip_bids_validation=True, segment=SegmentConfig(device=device))
     train = run_bids_app(dataset.bids_dir, derivatives, "train", config)
     summary.runs["train"] = train
     index_entry = _index_entry(derivatives, train.model.model_id)

@@ -1,15 +1,24 @@
 """Pipelines the CLI and the BIDS App share: weak-label a file, segment then QC."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
+
+from nuclei_app.config import SegmentConfig
+from nuclei_app.core.channels import select_nuclear_channels
 from nuclei_app.core.weak import METHODS, WeakLabels, weak_labels
 from nuclei_app.errors import UsageError
 from nuclei_app.io.labels import write_label_tiff
 from nuclei_app.io.ome_zarr import write_labels_ome_zarr
 from nuclei_app.io.slides import channel_percentiles, open_slide
-from nuclei_app.core.channels import select_nuclear_channels
+from nuclei_app.qc.slide import QCResult, write_qc_report
+from nuclei_app.segment.executors import DaskCluster
+from nuclei_app.segment.pipeline import segment_slide
+from nuclei_app.segment.predictors import PredictorSpec
+from nuclei_app.segment.record import SegmentationResult
 
 
 # --------------------------------------------------------------------------- files
@@ -75,3 +84,81 @@ def weak_label_file(
         write_label_tiff(output_path, result.labels, pixel_size_um=pixel_size)
     return result
 
+
+# --------------------------------------------------------------------------- slides
+
+
+@dataclass
+class SegmentedSlide:
+    """What `segment_then_qc` produced.
+
+    Attributes
+    ----------
+    segmentation : SegmentationResult
+    qc : QCResult or None
+        The self-diagnosis (None when it was not asked for).
+    """
+
+    segmentation: SegmentationResult
+    qc: QCResult | None
+
+
+def default_qc_path(output_path: str | Path) -> Path:
+    """``OUT_qc.json`` beside ``OUT.ome.zarr``: where `segment` writes its self-diagnosis by default."""
+    output_path = Path(output_path)
+    return output_path.with_name(output_path.name.removesuffix(".ome.zarr").removesuffix(".zarr") + "_qc.json")
+
+
+def segment_then_qc(
+    image_path: str | Path,
+    output_path: str | Path,
+    predictor: PredictorSpec,
+    config: SegmentConfig = SegmentConfig(),
+    *,
+    table_path: str | Path | None = None,
+    geojson_path: str | Path | None = None,
+    qc_path: str | Path | None = None,
+    write_qc: bool = True,
+    qc_config: str | Path | None = None,
+    cluster: DaskCluster | None = None,
+    progress: bool = True,
+) -> SegmentedSlide:
+    """Segment a slide (`nuclei_app.segment.segment_slide`), then write its self-diagnosis.
+
+    The pipeline of `nuclei-app segment` and of each slide of `nuclei-app run ... participant`.
+    QC judges the nuclear channels the segmentation used, with the same device and score
+    cut-off. With a table, QC reads each nucleus's score and head agreement from it; without
+    one it reruns the model's heads over the slide (about as long as the segmentation).
+
+    Parameters
+    ----------
+    image_path, output_path, predictor, config, table_path, geojson_path, cluster, progress
+        As `nuclei_app.segment.segment_slide`.
+    qc_path : str or Path, optional
+        The QC report to write (default: `default_qc_path`).
+    write_qc : bool
+        Write the QC report at all.
+    qc_config : str or Path, optional
+        QC thresholds file (JSON/TOML, schema ``qc_config``; default: the documented thresholds).
+
+    Returns
+    -------
+    SegmentedSlide
+
+    Raises
+    ------
+    The errors of `segment_slide` and `nuclei_app.qc.slide.write_qc_report`.
+    """
+    segmentation = segment_slide(
+        image_path, output_path, predictor, config, table_path=table_path, geojson_path=geojson_path,
+        cluster=cluster, progress=progress,
+    )
+    if not write_qc:
+        return SegmentedSlide(segmentation, None)
+    qc = write_qc_report(
+        segmentation.output_path, image_path, qc_path if qc_path is not None else default_qc_path(output_path),
+        model_dir=None if table_path is not None else predictor.model_dir, config_path=qc_config,
+        table_path=table_path, nuclear_channels=segmentation.nuclear_channels, device=config.device,
+        score_threshold=config.score_threshold,
+    )
+    return SegmentedSlide(segmentation, qc)

@@ -99,7 +99,9 @@ def test_participant_level_writes_the_design_layout(derivatives, sample):
         micr = output / "sub-01" / f"ses-{session}" / "micr"
         stem = f"sub-01_ses-{session}_sample-{sample_label}_desc-nuclei"
         store = micr / f"{stem}_FLUO.ome.zarr"
-        assert (store / "nuclei-app_run.json").is_file()
+        record = _load(store / "nuclei-app_run.json")  # the slide's SegmentConfig, from the run's settings
+        assert record["config"]["device"] == "cpu" and record["config"]["tile"] == 512
+        assert record["config"]["work_dir"] == str(output / ".work" / store.name.removesuffix(".ome.zarr"))
         assert (store / "labels" / "nuclei").is_dir()
         assert (micr / f"{stem}_objects.tsv").is_file() and (micr / f"{stem}_objects.json").is_file()
         qc = _load(micr / f"{stem}_qc.json")

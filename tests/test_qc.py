@@ -294,13 +294,15 @@ def test_zero_step_model_fails_and_model_rescoring_flags_it(run_cli, small_pair,
 
 
 def test_segmentation_store_uses_its_table_layers_and_tile_grid(nuclei_gt_dir, tmp_path):
+    from nuclei_app.config import SegmentConfig
     from nuclei_app.segment.predictors import PredictorSpec
     from nuclei_app.segment.pipeline import segment_slide
 
     image = nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_f6863b83d75e_img.tif"
     store = tmp_path / "sub-01_sample-B_desc-nuclei_FLUO.ome.zarr"
     table = tmp_path / "sub-01_sample-B_desc-nuclei_objects.tsv"
-    segment_slide(image, store, PredictorSpec("weak"), tile=128, overlap=32, table_path=table, progress=False)
+    segment_slide(image, store, PredictorSpec("weak"), SegmentConfig(tile=128, overlap=32), table_path=table,
+                  progress=False)
     report = write_qc_report(store, image, tmp_path / "sub-01_sample-B_desc-nuclei_qc.json",
                              thresholds=QCThresholds(tile_size_px=128)).report
     parameters = report["provenance"]["parameters"]

@@ -16,6 +16,7 @@ import pytest
 import tifffile
 import zarr
 
+from nuclei_app.config import SegmentConfig
 from nuclei_app.errors import ExitCode
 from nuclei_app.core.metrics import score_instances
 from nuclei_app.io.slides import channel_percentiles, open_slide
@@ -57,7 +58,7 @@ def slide(tmp_path_factory) -> Path:
 def baseline(slide, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
     result = segment_slide(
-        slide, out / "nuclei.ome.zarr", PredictorSpec("weak"), tile=TILE, overlap=OVERLAP, batch_size=1,
+        slide, out / "nuclei.ome.zarr", PredictorSpec("weak"), SegmentConfig(tile=TILE, overlap=OVERLAP, batch_size=1),
         table_path=out / "nuclei.tsv", geojson_path=out / "nuclei.geojson", progress=False,
     )
     return result
@@ -106,12 +107,23 @@ def test_tile_grid_cores_partition_the_slide():
     assert len(one) == 1 and one.window(0, 0) == (0, 0, 120, 90)
 
 
-@pytest.mark.parametrize("tile, overlap", [(256, 200), (256, -1), (16, 0)])
+@pytest.mark.parametrize("tile, overlap", [(256, 200), (256, -1), (0, 0)])
 def test_tile_grid_rejects_impossible_geometry(tile, overlap):
-    from nuclei_app.errors import UsageError
-
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError):
         make_tile_grid((500, 500), tile, overlap)
+
+
+def test_one_edge_rule_for_segmentation_cores_and_qc_tiles():
+    from nuclei_app.core.tiling import axis_edges, qc_tile_edges
+
+    # a last piece narrower than the minimum joins the one before it; otherwise it stands alone
+    assert axis_edges(700, 208, 48) == (0, 208, 416, 624, 700)
+    assert axis_edges(640, 208, 48) == (0, 208, 416, 640)
+    assert axis_edges(90, 208, 48) == (0, 90) and axis_edges(0, 208, 48) == (0, 0)
+    assert make_tile_grid((700, 640), 256, 48).row_edges == axis_edges(700, 208, 48)
+    assert qc_tile_edges(520, 128) == list(axis_edges(520, 128, 32))
+    with pytest.raises(ValueError):
+        axis_edges(100, 0, 0)
 
 
 def test_tissue_mask_is_empty_for_noise_and_finds_stained_tissue():
@@ -249,6 +261,7 @@ def test_output_is_readable_ngff_with_consistent_table_and_geojson(baseline):
 
     record = read_run_record(store)
     assert not schema_errors(record, "run_record") and not schema_errors(record, "segmentation_record")
+    assert record["config"] == SegmentConfig(tile=TILE, overlap=OVERLAP, batch_size=1).to_dict()
     assert record["inputs"][0]["sha256"] and len(record["inputs"][0]["sha256"]) == 64
     assert not any(p.name.startswith(".nuclei.ome.zarr.work") for p in store.parent.iterdir())
 
@@ -480,7 +493,7 @@ def test_wrong_nominal_pixel_size_is_caught_by_the_measured_nucleus_size(tiny_mo
     for name, pixel_size in (("right", (0.5, 0.5)), ("wrong", (1.5, 1.5))):
         path = _write_slide(tmp_path / f"{name}.ome.tif", crop, pixel_size=pixel_size, n_levels=1)
         result = segment_slide(path, tmp_path / f"{name}.ome.zarr", PredictorSpec("model", model_dir=str(tiny_model)),
-                               tile=256, overlap=64, progress=False)
+                               SegmentConfig(tile=256, overlap=64), progress=False)
         outcomes[name] = (result, read_run_record(tmp_path / f"{name}.ome.zarr"))
     right, right_record = outcomes["right"]
     assert right.warnings == [] and right_record["parameters"]["predictor"]["diameter_px"] is None
@@ -503,8 +516,8 @@ def test_tiled_model_output_agrees_with_whole_image_inference_of_the_same_model(
     path = tmp_path / "real.tif"
     tifffile.imwrite(path, raw)
     out = tmp_path / "tiled.ome.zarr"
-    result = segment_slide(path, out, PredictorSpec("model", model_dir=str(trained_model_dir)), tile=256,
-                           overlap=96, progress=False)
+    result = segment_slide(path, out, PredictorSpec("model", model_dir=str(trained_model_dir)),
+                           SegmentConfig(tile=256, overlap=96), progress=False)
     tiled = read_labels(out)
     with open_slide(path) as opened:
         percentiles = channel_percentiles(opened, [0])

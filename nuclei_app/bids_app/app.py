@@ -311,8 +311,25 @@ def run_bids_app(
                 result.model = train_dataset_model(records, output_dir, config)
         return result
 
-    default_work = config.work_dir is None
-    work_dir = output_dir / DEFAULT_WORK_DIR if default_work else Path(config.work_dir)
+    run_participant_slides(bids_dir, output_dir, records, config, result)
+    return result
+
+
+def run_participant_slides(
+    bids_dir: Path, output_dir: Path, records: Sequence[Any], config: RunConfig, result: RunResult
+) -> None:
+    """The participant level: the dataset model (found or trained), then every selected slide.
+
+    Fills ``result.model``, ``result.slides`` and ``result.failures``. The default work
+    folder ``OUTPUT_DIR/.work`` is removed at the end when no other job still uses it.
+
+    Raises
+    ------
+    CannotCreateOutputError (73)
+        The work folder cannot be created.
+    """
+    default_work = config.segment.work_dir is None
+    work_dir = output_dir / DEFAULT_WORK_DIR if default_work else Path(config.segment.work_dir)
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -320,18 +337,16 @@ def run_bids_app(
     with log_to_file(output_dir / LOGS_DIR / "train.log"):
         # the dataset model learns from every slide of the dataset (the session and sample
         # filters apply, the participant filter does not), so all parallel jobs share one
-
         training_records = discover(bids_dir, None, config.session_label, config.sample_label) or records
         result.model = ensure_dataset_model(training_records, output_dir, config)
-    result.slides = run_participant_level(records, output_dir, result.model, config, work_dir, config_path)
+    result.slides = run_participant_level(records, output_dir, result.model, config, work_dir, result.config_path)
     if default_work:
         try:
             work_dir.rmdir()  # only when empty: other jobs may still be using it
         except OSError:
             pass
-    failure_records = []
-    for outcome in result.slides:
-        if outcome.status == "failed":
-            failure_records.append({"slide": outcome.source, "exit_code": outcome.exit_code, "error": outcome.error})
-    result.failures = failure_records
-    return result
+    result.failures = [
+        {"slide": outcome.source, "exit_code": outcome.exit_code, "error": outcome.error}
+        for outcome in result.slides
+        if outcome.status == "failed"
+    ]

@@ -160,6 +160,7 @@ def derivative_paths(record: Any, output_dir: str | Path) -> DerivativePaths:
 
 
 def relative_source(record: Any) -> str:
+    """The slide's path inside its BIDS dataset (POSIX form), as logs and sidecars name it."""
     return record.path.relative_to(record.bids_dir).as_posix()
 
 
@@ -184,6 +185,7 @@ def pixel_size_fields(record: Any) -> dict[str, Any]:
 
 
 def relative_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` (POSIX form) when it lies inside it, else absolute."""
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:

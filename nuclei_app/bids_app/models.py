@@ -60,6 +60,7 @@ def file_fingerprint(path: Path) -> list[int]:
 
 
 def short_hash(payload: Any, length: int = 32) -> str:
+    """The first ``length`` hex digits of the sha256 of ``payload`` as sorted JSON."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
@@ -168,6 +169,7 @@ class DatasetModel:
 
 
 def models_folder(output_dir: Path) -> Path:
+    """``OUTPUT_DIR/models``: where dataset models and their index live."""
     return output_dir / MODELS_DIR
 
 
@@ -309,9 +311,9 @@ def train_dataset_model(
     from nuclei_app.train.loop import train_model
 
     output_dir = Path(output_dir)
-    resume = config.resume if resume is None else resume
+    resume = config.segment.resume if resume is None else resume
     models_dir = models_folder(output_dir)
-    plan = plan_training_panel(records, config.nuclear_channels)
+    plan = plan_training_panel(records, config.segment.nuclear_channels)
     for record, reason in plan.excluded:
         log.warning("not training on %s: %s", relative_source(record), reason)
     training = config.training_config()
@@ -372,6 +374,13 @@ def train_dataset_model(
 
 
 def explicit_model(config: RunConfig) -> DatasetModel:
+    """The model folder ``--model`` names.
+
+    Raises
+    ------
+    MissingInputError (66)
+        Not a folder, or not a complete model folder.
+    """
     path = Path(config.model)
     if not path.is_dir():
         raise MissingInputError("model folder not found; give a folder written by `nuclei-app train` or `run ... train`", path)

@@ -7,26 +7,30 @@ import os
 import socket
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
 from nuclei_app import __version__
-from nuclei_app.config import RunConfig
-from nuclei_app.errors import (
-    ExitCode,
-    NucleiAppError,
-)
-from nuclei_app.progress import get_logger
-from nuclei_app.bids_app.derivatives import DESC, DerivativePaths, pixel_size_fields, relative_source, relative_path, derivative_paths
-from nuclei_app.bids_app.models import DatasetModel, file_fingerprint, short_hash
-from nuclei_app.provenance import utc_timestamp
-from nuclei_app.segment.record import RUN_RECORD_NAME
 from nuclei_app.atomic import atomic_write_json
-from nuclei_app.qc.slide import write_qc_report
+from nuclei_app.bids_app.derivatives import (
+    DESC,
+    DerivativePaths,
+    derivative_paths,
+    pixel_size_fields,
+    relative_path,
+    relative_source,
+)
+from nuclei_app.bids_app.models import DatasetModel, file_fingerprint, short_hash
+from nuclei_app.config import RunConfig
+from nuclei_app.errors import ExitCode, NucleiAppError
+from nuclei_app.progress import get_logger
+from nuclei_app.provenance import utc_timestamp
 from nuclei_app.schemas import validate_instance
+from nuclei_app.segment.executors import DaskCluster, dask_cluster
 from nuclei_app.segment.predictors import PredictorSpec
-from nuclei_app.segment.record import read_run_record
-from nuclei_app.segment.pipeline import segment_slide
+from nuclei_app.segment.record import RUN_RECORD_NAME, SegmentationResult, read_run_record
+from nuclei_app.workflows import segment_then_qc
 
 log = get_logger("nuclei_app.bids_app")
 
@@ -61,6 +65,7 @@ class SlideOutcome:
     exit_code: int | None = None
 
     def line(self) -> str:
+        """One line of the run's summary."""
         if self.status == "failed":
             return f"{self.source}: FAILED (exit {self.exit_code}): {self.error}"
         verb = "reused" if self.status == "reused" else "segmented"
@@ -68,6 +73,7 @@ class SlideOutcome:
 
 
 def failure_record_path(output_dir: Path, stem: str) -> Path:
+    """``OUTPUT_DIR/logs/failures/<stem>.json``: the failure record of one slide."""
     return output_dir / LOGS_DIR / FAILURES_DIR / f"{stem}.json"
 
 
@@ -103,37 +109,68 @@ def _slide_complete(paths: DerivativePaths, resume_key: str) -> dict[str, Any] |
     return sidecar if complete else None
 
 
+def slide_parameters(config: RunConfig) -> dict[str, Any]:
+    """The settings that change a slide's derivatives (its sidecar's ``Parameters``, part of its resume key)."""
+    segment = config.segment
+    parameters: dict[str, Any] = {
+        "tile": segment.tile,
+        "overlap": segment.overlap,
+        "batch_size": segment.batch_size,
+        "nuclear_channels": segment.nuclear_channels,
+        "qc_config": None if config.qc_config is None else [config.qc_config, file_fingerprint(Path(config.qc_config))],
+    }
+    if segment.score_threshold is not None:  # absent when unset, so earlier resume keys still match
+        parameters["score_threshold"] = segment.score_threshold
+    return parameters
+
+
 def process_slide(
     record: Any,
     output_dir: str | Path,
     model: DatasetModel,
     config: RunConfig,
     work_dir: Path,
-    dask_scheduler: str | None = None,
+    cluster: DaskCluster | None = None,
     run_config_path: Path | None = None,
 ) -> SlideOutcome:
     """Segment one slide, compute its QC and write its sidecar (last: it marks the slide complete).
 
-    Raises whatever `segment_slide` / `write_qc_report` raise; the caller decides whether
-    the run goes on.
+    Parameters
+    ----------
+    record : SlideRecord
+        The slide (`nuclei_app.bids.discover`).
+    output_dir : str or Path
+        The derivative dataset.
+    model : DatasetModel
+        The model that segments it.
+    config : RunConfig
+        The run's settings (``config.segment`` is how the slide is segmented).
+    work_dir : Path
+        The run's work folder (the slide's tile cache is ``work_dir/<slide name>``).
+    cluster : DaskCluster, optional
+        The run's Dask cluster (None: in this process).
+    run_config_path : Path, optional
+        The run's recorded configuration, named in the sidecar.
+
+    Returns
+    -------
+    SlideOutcome
+
+    Raises
+    ------
+    Whatever `nuclei_app.workflows.segment_then_qc` raises; the caller decides whether the run goes on.
     """
 
     output_dir = Path(output_dir)
     paths = derivative_paths(record, output_dir)
     source = relative_source(record)
-    parameters = {
-        "tile": config.tile,
-        "overlap": config.overlap,
-        "batch_size": config.batch_size,
-        "nuclear_channels": config.nuclear_channels,
-        "qc_config": None if config.qc_config is None else [config.qc_config, file_fingerprint(Path(config.qc_config))],
-    }
+    parameters = slide_parameters(config)
     resume_key = short_hash({
         "source": source, "fingerprint": file_fingerprint(record.path), "model": model.model_id,
         "parameters": parameters, "version": __version__,
     })
     outcome = SlideOutcome(source, paths.stem, record.subject, "ok", paths)
-    if config.resume:
+    if config.segment.resume:
         done = _slide_complete(paths, resume_key)
         if done is not None:
             log.info("%s: complete from an earlier run with the same inputs; skipping (--no-resume redoes it)", source)
@@ -142,24 +179,42 @@ def process_slide(
             return outcome
     log.info("%s: segmenting with model %s", source, model.model_id)
     paths.folder.mkdir(parents=True, exist_ok=True)
-    spec = PredictorSpec("model", model_dir=str(model.path), device=config.device)
-    segmentation = segment_slide(
-        record.path, paths.store, spec, tile=config.tile, overlap=config.overlap, batch_size=config.batch_size,
-        nuclear_channels=config.nuclear_channels, table_path=paths.table, nprocs=config.nprocs,
-        dask_scheduler=dask_scheduler, resume=config.resume, work_dir=work_dir / paths.stem, progress=True,
+    done_now = segment_then_qc(
+        record.path, paths.store, PredictorSpec("model", model_dir=str(model.path)),
+        replace(config.segment, work_dir=str(work_dir / paths.stem)),
+        table_path=paths.table, qc_path=paths.qc, qc_config=config.qc_config, cluster=cluster, progress=True,
     )
+    segmentation, qc = done_now.segmentation, done_now.qc
     for warning in segmentation.warnings:
         log.warning("%s: %s", source, warning)
-    qc = write_qc_report(
-        paths.store, record.path, paths.qc, table_path=paths.table,
-        nuclear_channels=segmentation.nuclear_channels, config_path=config.qc_config, device=config.device,
-    )
+    sidecar = _sidecar(record, output_dir, model, segmentation, paths, qc.status, parameters, resume_key)
+    if run_config_path is not None:
+        sidecar["RunConfig"] = relative_path(run_config_path, output_dir)
+    validate_instance(sidecar, "derivative_sidecar", paths.sidecar)
+    atomic_write_json(paths.sidecar, sidecar)
+    failure_record_path(output_dir, paths.stem).unlink(missing_ok=True)
+    outcome.n_nuclei, outcome.qc_status = int(segmentation.n_nuclei), qc.status
+    log.info("%s: %d nuclei, QC %s", source, outcome.n_nuclei, outcome.qc_status)
+    return outcome
+
+
+def _sidecar(
+    record: Any,
+    output_dir: Path,
+    model: DatasetModel,
+    segmentation: SegmentationResult,
+    paths: DerivativePaths,
+    qc_status: str,
+    parameters: dict[str, Any],
+    resume_key: str,
+) -> dict[str, Any]:
+    """The JSON sidecar of a slide's segmentation (schema ``derivative_sidecar``)."""
     record_json = read_run_record(paths.store) or {}
-    sidecar: dict[str, Any] = {
+    return {
         "Description": "Nuclei segmented by nuclei-app: labels/nuclei is the flattened instance view (uint32), "
                        "labels/nuclei_layer-<k> hold every nucleus's full mask (overlapping nuclei in different layers); "
                        "the image holds the nuclear channels the model saw.",
-        "Sources": [f"bids:raw:{source}"],
+        "Sources": [f"bids:raw:{relative_source(record)}"],
         **pixel_size_fields(record),
         "GeneratedBy": {"Name": "nuclei-app", "Version": __version__},
         "ModelID": model.model_id,
@@ -169,19 +224,11 @@ def process_slide(
         "NumberOfOverlapLayers": int(segmentation.n_layers),
         "ObjectsTable": paths.table.name,
         "QCReport": paths.qc.name,
-        "QCStatus": qc.status,
+        "QCStatus": qc_status,
         "SegmentationCompletedAt": record_json.get("completed_at"),
         "Parameters": parameters,
         "ResumeKey": resume_key,
     }
-    if run_config_path is not None:
-        sidecar["RunConfig"] = relative_path(run_config_path, output_dir)
-    validate_instance(sidecar, "derivative_sidecar", paths.sidecar)
-    atomic_write_json(paths.sidecar, sidecar)
-    failure_record_path(output_dir, paths.stem).unlink(missing_ok=True)
-    outcome.n_nuclei, outcome.qc_status = int(segmentation.n_nuclei), qc.status
-    log.info("%s: %d nuclei, QC %s", source, outcome.n_nuclei, outcome.qc_status)
-    return outcome
 
 
 def _append_traceback(log_path: Path) -> None:
@@ -212,27 +259,6 @@ def _record_failure(output_dir: Path, outcome: SlideOutcome, error: BaseExceptio
     atomic_write_json(path, payload)
 
 
-@contextmanager
-def _dask_scheduler(config: RunConfig) -> Iterator[str | None]:
-    """The scheduler address tiles go to: ``--dask-scheduler``, a local cluster of ``--nprocs``
-    workers sharing ``--mem`` (one cluster for all the run's slides), or None (in-process)."""
-    if config.dask_scheduler or config.nprocs <= 1:
-        yield config.dask_scheduler
-        return
-    from distributed import LocalCluster
-
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    limit = config.memory_limit_bytes
-    cluster = LocalCluster(
-        n_workers=config.nprocs, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
-        memory_limit=(limit // config.nprocs) if limit else "auto",
-    )
-    try:
-        yield cluster.scheduler_address
-    finally:
-        cluster.close()
-
-
 #: Errors after which the next slide would fail too (disk full, ...): the run stops.
 _FATAL_EXIT_CODES = frozenset({ExitCode.IO_ERROR})
 
@@ -252,14 +278,14 @@ def run_participant_level(
     """
     outcomes: list[SlideOutcome] = []
     subjects = list(dict.fromkeys(record.subject for record in records))
-    with _dask_scheduler(config) as scheduler:
+    with dask_cluster(config.segment) as cluster:  # one cluster for all the run's slides
         for subject in subjects:
             log_path = output_dir / LOGS_DIR / f"sub-{subject}.log"
             with log_to_file(log_path):
                 log.info("participant %s: %s %s (pid %d on %s)", subject, "nuclei-app", __version__, os.getpid(), socket.gethostname())
                 for record in (r for r in records if r.subject == subject):
                     try:
-                        outcomes.append(process_slide(record, output_dir, model, config, work_dir, scheduler, run_config_path))
+                        outcomes.append(process_slide(record, output_dir, model, config, work_dir, cluster, run_config_path))
                     except (KeyboardInterrupt, SystemExit):
                         raise
                     except BaseException as error:  # noqa: BLE001 - recorded, then the other slides go on

@@ -1,18 +1,13 @@
 """Settings of the BIDS App: argv of the BIDS-Apps form, label filters, config files."""
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from nuclei_app.config import RunConfig
-from nuclei_app.errors import (
-    MissingInputError,
-    UsageError,
-)
+
 from nuclei_app.bids.discover import normalise_label
-from nuclei_app.schemas import schema_errors
+from nuclei_app.config import RunConfig, read_settings_file
+from nuclei_app.errors import MissingInputError, UsageError
 
 
 ANALYSIS_LEVELS: tuple[str, ...] = ("train", "participant", "group")
@@ -152,60 +147,30 @@ def read_label_arguments(values: str | Sequence[str] | None, kind: str) -> tuple
 # ======================================================================================
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a ``--config`` file (JSON, or TOML when it ends in ``.toml``) and check it against ``run_config``.
+def read_label_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with its label settings expanded by `read_label_arguments` (``@FILE``, lists, prefixes)."""
+    expanded = dict(values)
+    for key, kind in _LABEL_KINDS.items():
+        if key in expanded:
+            expanded[key] = read_label_arguments(expanded[key], kind)
+    return expanded
+
+
+def load_run_config(path: str | Path | None) -> RunConfig:
+    """The `RunConfig` of a ``--config`` file (JSON, or TOML when it ends in ``.toml``); None: the defaults.
 
     Raises
     ------
-    MissingInputError
-        The file does not exist or cannot be read (66).
-    UsageError
-        Not valid JSON/TOML, not a table/object, unknown keys or wrong types (64).
+    MissingInputError (66)
+        The file does not exist or cannot be read.
+    UsageError (64)
+        Not valid JSON/TOML, unknown keys, wrong types (schema ``run_config``) or values a
+        config refuses (the message names the file).
     """
-    import tomllib
-
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError("config file not found; check the path given to --config", path)
+    if path is None:
+        return RunConfig()
+    values = read_label_settings(read_settings_file(path, "run_config", "run config"))
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or str(error)
-        raise MissingInputError(f"cannot read the config file ({reason}); check its permissions and encoding", path) from None
-    is_toml = path.suffix.lower() == ".toml"
-    try:
-        values = tomllib.loads(text) if is_toml else json.loads(text)
-    except (tomllib.TOMLDecodeError, ValueError) as error:
-        kind = "TOML" if is_toml else "JSON"
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"config file is not valid {kind} ({first_line}); fix its syntax", path) from None
-    if not isinstance(values, dict):
-        raise UsageError("config file must hold one object / table of settings", path)
-    problems = schema_errors(values, "run_config")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UsageError(
-            f"config does not match schema run_config: {problems[0]}{more}; "
-            "see `nuclei-app schemas` for the allowed keys",
-            path,
-        )
-    return values
-
-
-def build_run_config(file_values: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """The effective `RunConfig`: defaults, then the config file, then command-line values (None = not given).
-
-    Label values are expanded (``@FILE``, lists, prefixes) by `read_label_arguments`.
-    """
-    merged: dict[str, Any] = dict(file_values or {})
-    merged.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise UsageError(f"unknown run setting(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-    for key, kind in _LABEL_KINDS.items():
-        if key in merged:
-            merged[key] = read_label_arguments(merged[key], kind)
-    return RunConfig(**merged)
-
+        return RunConfig.from_settings(values)
+    except UsageError as error:
+        raise UsageError(f"{error.message}; fix the run config", path) from None

@@ -1,26 +1,64 @@
-"""Tile grids and their edge rules: every grid the app lays over an image lives here."""
+"""Tile grids and their edge rules: every grid the app lays over an image lives here.
+
+One edge rule splits an axis into pieces (`axis_edges`): edges at multiples of a step, and
+a last piece narrower than a minimum merged into the one before it, so that no piece is a
+sliver. The segmentation grid (`make_tile_grid`: its cores are the output chunks) and the
+QC tile grid (`qc_tile_edges`) both use it, each with its own minimum. Training-time tiled
+prediction (`tile_cores`) is a different thing, described there.
+
+The settings a user gives (which tile and overlap are accepted) are validated by
+`nuclei_app.config.SegmentConfig`; the functions here only refuse impossible geometry.
+"""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from nuclei_app.errors import (
-    UsageError,
-)
+
 from nuclei_app.core.stitching import Box
 
 
 # ======================================================================================
-# Tile grid and tissue
+# The edge rule
 # ======================================================================================
 
 
-def _core_edges(size: int, stride: int, overlap: int) -> tuple[int, ...]:
-    """Core boundaries along one axis: multiples of ``stride``; a last core thinner than the
-    overlap is merged into the one before it (so no tile is a sliver)."""
-    count = max(1, math.ceil(size / stride))
-    if count > 1 and size - (count - 1) * stride < max(overlap, 1):
-        count -= 1
-    return tuple(min(k * stride, size) for k in range(count)) + (size,)
+def axis_edges(size: int, step: int, min_last: float) -> tuple[int, ...]:
+    """Boundaries of the pieces one axis is cut into.
+
+    Pieces start at multiples of ``step``; the last one ends at ``size``. When that last
+    piece would be narrower than ``min_last`` it is merged into the one before it (which
+    grows by less than ``min_last``), so no piece is a sliver.
+
+    Parameters
+    ----------
+    size : int
+        Length of the axis, pixels (0 gives the single empty piece ``(0, 0)``).
+    step : int
+        Nominal piece length, pixels (at least 1).
+    min_last : float
+        Narrowest last piece kept on its own, pixels (0: never merge).
+
+    Returns
+    -------
+    tuple of int
+        ``(0, step, 2 * step, ..., size)``: ``n_pieces + 1`` increasing values.
+
+    Raises
+    ------
+    ValueError
+        ``step`` below 1.
+    """
+    size, step = int(size), int(step)
+    if step < 1:
+        raise ValueError(f"the step between edges must be at least 1 pixel, got {step}")
+    edges = list(range(0, max(size, 1), step)) + [size]
+    if len(edges) > 2 and edges[-1] - edges[-2] < min_last:
+        del edges[-2]
+    return tuple(edges)
+
+
+# ======================================================================================
+# Segmentation grid: cores are output chunks
+# ======================================================================================
 
 
 @dataclass(frozen=True)
@@ -28,8 +66,9 @@ class TileGrid:
     """Overlapping tiles over a slide whose cores partition it.
 
     Cores start at multiples of ``stride = tile - overlap`` (so they coincide with output
-    chunks of side ``stride``); a tile's window is its core plus half the overlap on every
-    side that is not a slide border, clipped to the slide.
+    chunks of side ``stride``; `axis_edges` with a minimum of ``overlap``: a last core
+    thinner than the overlap joins the one before it); a tile's window is its core plus half
+    the overlap on every side that is not a slide border, clipped to the slide.
 
     Attributes
     ----------
@@ -49,14 +88,17 @@ class TileGrid:
 
     @property
     def stride(self) -> int:
+        """Distance between core starts (``tile - overlap``), the output chunk side."""
         return self.tile - self.overlap
 
     @property
     def n_rows(self) -> int:
+        """Rows of tiles."""
         return len(self.row_edges) - 1
 
     @property
     def n_cols(self) -> int:
+        """Columns of tiles."""
         return len(self.col_edges) - 1
 
     def __len__(self) -> int:
@@ -65,6 +107,11 @@ class TileGrid:
     def core(self, row: int, col: int) -> Box:
         """(y0, x0, y1, x1) of the tile's core."""
         return self.row_edges[row], self.col_edges[col], self.row_edges[row + 1], self.col_edges[col + 1]
+
+    def core_area(self, row: int, col: int) -> int:
+        """Pixels in the tile's core."""
+        y0, x0, y1, x1 = self.core(row, col)
+        return (y1 - y0) * (x1 - x0)
 
     def window(self, row: int, col: int) -> Box:
         """(y0, x0, y1, x1) of the pixels the tile reads."""
@@ -93,45 +140,74 @@ def align_window(window: Box, quantum: int) -> Box:
 def make_tile_grid(shape_yx: tuple[int, int], tile: int = 512, overlap: int = 64) -> TileGrid:
     """Tile grid over a (Y, X) slide; see `TileGrid`.
 
+    The tile and overlap a user may choose are validated by `nuclei_app.config.SegmentConfig`
+    (tile at least 64, overlap below half of it); this accepts any geometry that works.
+
     Raises
     ------
-    UsageError
-        ``overlap`` negative or more than half the tile (tiles two apart would overlap).
+    ValueError
+        ``tile`` below 1, or ``overlap`` negative or more than half the tile (windows two
+        tiles apart would overlap).
     """
     tile, overlap = int(tile), int(overlap)
-    if tile < 32:
-        raise UsageError(f"--tile must be at least 32 pixels, got {tile}")
-    if overlap < 0 or 2 * overlap > tile:
-        raise UsageError(f"--overlap must be between 0 and half the tile ({tile // 2}), got {overlap}")
-    stride = tile - overlap
+    if tile < 1 or overlap < 0 or 2 * overlap > tile:
+        raise ValueError(f"impossible tile geometry: tile {tile}, overlap {overlap} (0 <= 2 * overlap <= tile)")
     height, width = int(shape_yx[0]), int(shape_yx[1])
     return TileGrid(
         shape=(height, width),
         tile=tile,
         overlap=overlap,
-        row_edges=_core_edges(height, stride, overlap),
-        col_edges=_core_edges(width, stride, overlap),
+        row_edges=axis_edges(height, tile - overlap, overlap),
+        col_edges=axis_edges(width, tile - overlap, overlap),
     )
 
 
+# ======================================================================================
+# QC grid: tiles without overlap
+# ======================================================================================
+
+
 def qc_tile_edges(size: int, tile: int) -> list[int]:
-    """Tile boundaries along one axis: multiples of ``tile``, the last tile widened instead of
-    leaving a sliver narrower than a quarter tile (its metrics would be noise).
+    """QC tile boundaries along one axis: `axis_edges` with a minimum of a quarter tile (a
+    narrower last tile would give noisy metrics, so it widens the one before instead).
 
     Returns
     -------
     list of int
         ``[0, tile, 2 * tile, ..., size]``.
     """
-    edges = list(range(0, max(int(size), 1), int(tile))) + [int(size)]
-    if len(edges) > 2 and edges[-1] - edges[-2] < tile / 4:
-        del edges[-2]
-    return edges
+    return list(axis_edges(size, tile, tile / 4))
+
+
+# ======================================================================================
+# Training-time tiled prediction: fixed-size windows, cores derived
+# ======================================================================================
 
 
 def tile_cores(starts: list[int], tile: int, size: int) -> list[tuple[float, float]]:
-    """The part of one axis each tile owns: cores meet half-way across each overlap and
-    partition ``[0, size)`` (the last tile, placed flush with the end, may overlap its
-    neighbour by more than the nominal overlap)."""
+    """The part of one axis each fixed-size window owns, for tiled prediction during training.
+
+    Kept apart from `TileGrid` because the geometry is built the other way round: there the
+    cores are fixed first (they are the output chunks) and windows are derived and clipped at
+    the slide border; here the windows are fixed first (every one exactly ``tile`` wide, the
+    last placed flush with the end, so the model never sees a padded window) and the cores
+    are derived. Cores meet half-way across each overlap, as `TileGrid`'s do, and partition
+    ``[0, size)``; the last window may overlap its neighbour by more than the nominal overlap.
+    Bounds are fractional: they are compared with box centres.
+
+    Parameters
+    ----------
+    starts : list of int
+        Window origins along the axis, increasing.
+    tile : int
+        Window side.
+    size : int
+        Axis length.
+
+    Returns
+    -------
+    list of (float, float)
+        ``[start, end)`` of each window's core.
+    """
     bounds = [0.0] + [(start + previous + tile) / 2 for previous, start in zip(starts, starts[1:])] + [float(size)]
     return list(zip(bounds[:-1], bounds[1:]))

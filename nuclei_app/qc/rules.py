@@ -1,13 +1,11 @@
 """QC status rules: thresholds to pass | warn | fail, with reasons."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-from nuclei_app.config import QCThresholds
-from nuclei_app.errors import MissingInputError, UsageError
+from nuclei_app.config import QCThresholds, read_settings_file
+from nuclei_app.errors import UsageError
 from nuclei_app.qc.metrics import format_number
-from nuclei_app.schemas import schema_errors
 
 
 #: Rule of each judged metric: metric -> (threshold prefix in QCThresholds, better direction,
@@ -107,42 +105,22 @@ def load_qc_config(path: str | Path | None) -> QCThresholds:
     """Read a QC config file (JSON or TOML) into `QCThresholds`; None gives the defaults.
 
     The file holds an object (a TOML document) with any fields of `QCThresholds`, either at
-    the top level or under a ``qc`` key/table. It is validated against the ``qc_config``
-    schema.
+    the top level or under a ``qc`` key/table. It is read and checked against the
+    ``qc_config`` schema by `nuclei_app.config.read_settings_file`.
 
     Raises
     ------
     MissingInputError (66)
-        The file does not exist.
+        The file does not exist or cannot be read.
     UsageError (64)
         Unreadable JSON/TOML, an unknown key, a wrong type or an out-of-range threshold:
         the config is an option the user gave, so it is a usage error.
     """
     if path is None:
         return QCThresholds()
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError("QC config file not found; give an existing .json or .toml file", path)
-    text = path.read_text(encoding="utf-8", errors="replace")
+    values = read_settings_file(path, "qc_config", "QC config", section="qc")
     try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data: Any = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"cannot parse the QC config ({first_line}); fix the JSON/TOML syntax", path) from None
-    if isinstance(data, dict) and set(data) == {"qc"} and isinstance(data["qc"], dict):
-        data = data["qc"]
-    problems = schema_errors(data, "qc_config")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UsageError(f"invalid QC config: {problems[0]}{more}; see `nuclei-app schemas` (qc_config)", path)
-    try:
-        return QCThresholds(**data)
+        return QCThresholds(**values)
     except UsageError as error:
         raise UsageError(f"{error.message}; fix the QC config", path) from None
 

@@ -17,18 +17,25 @@ raster order afterwards, so every way of running gives identical labels.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import replace
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
 import numpy as np
+
 from nuclei_app import __version__
-from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
+from nuclei_app.atomic import atomic_directory, atomic_write_bytes
+from nuclei_app.config import OUTLINE_CONTRAST_FRACTION, SegmentConfig
+from nuclei_app.core.channels import select_nuclear_channels
+from nuclei_app.core.stitching import SlideStitcher, TileCandidates, paint_region
+from nuclei_app.core.tiling import TileGrid, align_window, make_tile_grid
+from nuclei_app.core.tissue import tissue_tiles
 from nuclei_app.errors import (
     BadDataError,
     CannotCreateOutputError,
@@ -36,31 +43,25 @@ from nuclei_app.errors import (
     MissingInputError,
     NucleiAppError,
     UsageError,
+    os_error_to_user_error,
 )
-from nuclei_app.provenance import path_sha256
-from nuclei_app.progress import get_logger, progress_reporter
-from nuclei_app.core.stitching import SlideStitcher, TileCandidates, paint_region
-from nuclei_app.core.tiling import TileGrid, align_window, make_tile_grid
-from nuclei_app.segment.executors import run_in_process, run_on_dask
-from nuclei_app.segment.predictors import PredictorSpec, SCALE_MISMATCH, estimate_slide_diameter, get_predictor
-from nuclei_app.segment.record import RUN_RECORD_NAME, write_run_record, read_run_record
-from nuclei_app.segment.tiles import TileJob, batches_of, tile_cache_file
-from nuclei_app.core.tissue import tissue_tiles
-from nuclei_app.io.slides import tissue_overview
-from nuclei_app.segment.record import SegmentationResult
-from nuclei_app.core.channels import select_nuclear_channels
-from nuclei_app.io.slides import channel_percentiles, open_slide
-from nuclei_app.atomic import atomic_write_bytes
-from nuclei_app.atomic import atomic_directory
-from nuclei_app.io.tables import GeoJSONWriter, NucleiTableWriter
 from nuclei_app.io.ngff import FLAT_LABEL_NAME, layer_label_name
 from nuclei_app.io.ome_zarr import SegmentationZarrWriter
+from nuclei_app.io.slides import channel_percentiles, open_slide, tissue_overview
+from nuclei_app.io.tables import GeoJSONWriter, NucleiTableWriter
+from nuclei_app.progress import get_logger, progress_reporter
+from nuclei_app.provenance import path_sha256
+from nuclei_app.segment.executors import DaskCluster, dask_cluster, run_jobs
+from nuclei_app.segment.predictors import PredictorSpec, SCALE_MISMATCH, estimate_slide_diameter, get_predictor
+from nuclei_app.segment.record import RUN_RECORD_NAME, SegmentationResult, read_run_record, write_run_record
+from nuclei_app.segment.tiles import TileJob, batches_of, tile_cache_file
 
 
 log = get_logger("nuclei_app.segment")
 
 
 def _check_output_path(output_path: Path) -> None:
+    """Refuse an output that is not an ``.ome.zarr`` name or holds something other than our output."""
     if not output_path.name.endswith(".zarr"):
         raise UsageError("the output must be an OME-Zarr folder name ending in .ome.zarr", output_path)
     if output_path.exists():
@@ -88,6 +89,7 @@ def _remove_stale_partials(path: Path) -> None:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,19 +97,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _os_error(error: OSError, fallback: Path) -> NucleiAppError:
-    """A user error for an OS-level write failure: 74 for a full disk, 73 for a forbidden path."""
-    where = error.filename or fallback
-    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return InputOutputError(
-            f"disk full or file size limit reached ({error.strerror}); free space or choose another output folder",
-            where,
-        )
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-        return CannotCreateOutputError(f"cannot write ({error.strerror}); choose a writable output path", where)
-    return InputOutputError(f"I/O error ({error.strerror}); check the disk and rerun", where)
 
 
 def resolve_channels(
@@ -159,17 +148,12 @@ def resolve_channels(
 def segment_slide(
     image_path: str | Path,
     output_path: str | Path,
-    predictor_spec: PredictorSpec,
-    tile: int = 512,
-    overlap: int = 64,
-    batch_size: int = 4,
-    nuclear_channels: str | Sequence[str] | None = None,
+    predictor: PredictorSpec,
+    config: SegmentConfig = SegmentConfig(),
+    *,
     table_path: str | Path | None = None,
     geojson_path: str | Path | None = None,
-    nprocs: int = 1,
-    dask_scheduler: str | None = None,
-    resume: bool = True,
-    work_dir: str | Path | None = None,
+    cluster: DaskCluster | None = None,
     progress: bool = True,
 ) -> SegmentationResult:
     """Segment every nucleus of a slide into an OME-Zarr store (+ table, GeoJSON), tile by tile.
@@ -181,29 +165,19 @@ def segment_slide(
     output_path : str or Path
         ``OUT.ome.zarr`` folder to create (an earlier nuclei-app output there is replaced;
         anything else there is refused).
-    predictor_spec : PredictorSpec
+    predictor : PredictorSpec
         A model folder or the weak labeler.
-    tile, overlap : int
-        Tile side and overlap in level-0 pixels; the overlap should exceed the largest
-        nucleus. Output chunks are ``tile - overlap`` pixels.
-    batch_size : int
-        Tiles per predictor call (and per parallel task).
-    nuclear_channels : str or sequence of str, optional
-        Channel names to segment on (default: the model's channels, or every recognised
-        nuclear stain for the weak labeler).
+    config : SegmentConfig
+        Tile geometry, batch size, device, score cut-off, nuclear channels, parallelism
+        (``nprocs``, ``dask_scheduler``), ``resume`` and the work dir (default: ``.<output
+        name>.work`` beside the output). Recorded in the store's run record.
     table_path : str or Path, optional
         Per-nucleus TSV to write (a ``.json`` column sidecar is written beside it).
     geojson_path : str or Path, optional
         GeoJSON FeatureCollection of nucleus polygons (QuPath detections).
-    nprocs : int
-        Worker processes of a local dask.distributed cluster (1: run in this process).
-    dask_scheduler : str, optional
-        Address of an existing Dask scheduler (``tcp://HOST:PORT``); overrides ``nprocs``.
-    resume : bool
-        Reuse per-tile results of an interrupted run with the same inputs and parameters
-        (and return at once when the output is already complete and matches).
-    work_dir : str or Path, optional
-        Where per-tile results are cached (default: ``.<output name>.work`` beside the output).
+    cluster : DaskCluster, optional
+        A cluster the caller holds open (the BIDS App shares one across slides); default:
+        the one ``config`` asks for, started only when tiles remain to be segmented.
     progress : bool
         Show a progress bar (terminal) or log lines.
 
@@ -220,212 +194,290 @@ def segment_slide(
     output_path = Path(output_path)
     table_path = None if table_path is None else Path(table_path)
     geojson_path = None if geojson_path is None else Path(geojson_path)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if nprocs < 1:
-        raise UsageError(f"--nprocs must be at least 1, got {nprocs}")
-    work_root = Path(work_dir) if work_dir is not None else output_path.parent / f".{output_path.name}.work"
     try:
         return _segment(
-            Path(image_path), output_path, predictor_spec, tile, overlap, batch_size, nuclear_channels,
-            table_path, geojson_path, nprocs, dask_scheduler, resume, work_root, progress, started,
+            _Request(Path(image_path), output_path, table_path, geojson_path, predictor, config, started),
+            cluster, progress,
         )
     except OSError as error:
-        raise _os_error(error, output_path) from None
+        raise os_error_to_user_error(error, error.filename or output_path) from None
 
 
-def _segment(
-    image_path: Path,
-    output_path: Path,
-    spec: PredictorSpec,
-    tile: int,
-    overlap: int,
-    batch_size: int,
-    nuclear_channels: str | Sequence[str] | None,
-    table_path: Path | None,
-    geojson_path: Path | None,
-    nprocs: int,
-    dask_scheduler: str | None,
-    resume: bool,
-    work_root: Path,
-    progress: bool,
-    started: float,
-) -> SegmentationResult:
+@dataclass(frozen=True)
+class _Request:
+    """What `segment_slide` was asked for."""
 
-    _check_output_path(output_path)
-    for extra in (table_path, geojson_path):
-        if extra is not None and extra.exists() and extra.is_dir():
-            raise CannotCreateOutputError("is a folder; give a file path for the table / GeoJSON", extra)
-    if spec.kind == "model" and not Path(spec.model_dir).is_dir():
-        raise MissingInputError("model folder not found; train one with `nuclei-app train`", spec.model_dir)
+    image_path: Path
+    output_path: Path
+    table_path: Path | None
+    geojson_path: Path | None
+    spec: PredictorSpec
+    config: SegmentConfig
+    started: float
 
-    with open_slide(image_path) as slide:
-        _, height, width = slide.shape
-        grid = make_tile_grid((height, width), tile, overlap)
-        predictor = get_predictor(spec, slide.pixel_size_um)
-        channels = resolve_channels(slide, predictor, nuclear_channels)
-        channel_names = [slide.channel_names[i] for i in channels]
-        largest = getattr(predictor, "max_object_px", None)
-        if largest is not None and overlap < 0.5 * float(largest):
-            log.warning("the overlap (%d px) is small next to the largest nucleus the model can output", overlap)
-        percentiles = channel_percentiles(slide, channels)
-        tissue = tissue_tiles(*tissue_overview(slide, channels, percentiles), grid)
+    @property
+    def work_root(self) -> Path:
+        """The work dir: the configured one, or ``.<output name>.work`` beside the output."""
+        if self.config.work_dir is not None:
+            return Path(self.config.work_dir)
+        return self.output_path.parent / f".{self.output_path.name}.work"
 
-        tissue_positions = [position for position in grid.positions() if tissue[position]]
-        # The weak labeler always needs the slide's nucleus scale; a model needs it when the
-        # physical pixel size cannot map the slide onto the scale it was trained at.
-        model_knows_scale = spec.kind == "model" and bool(
-            slide.pixel_size_um and predictor.card["scale"].get("training_diameter_um")
-        )
-        scale_warnings = []
-        if spec.diameter is None and (tissue_positions or not model_knows_scale):
-            measured = estimate_slide_diameter(
-                slide, channels, percentiles, [grid.window(*p) for p in tissue_positions]
+
+@dataclass(frozen=True)
+class _SlidePlan:
+    """What is known about the slide before any tile is segmented.
+
+    ``spec`` carries the nucleus diameter settled for the whole slide (`_settle_scale`);
+    ``predictor`` is the one the workers will build from it.
+    """
+
+    grid: TileGrid
+    tissue: np.ndarray
+    tissue_positions: list[tuple[int, int]]
+    spec: PredictorSpec
+    predictor: Any
+    channels: list[int]
+    channel_names: list[str]
+    percentiles: np.ndarray
+    pixel_size_um: tuple[float, float] | None
+    warnings: list[str]
+
+
+def _segment(request: _Request, cluster: DaskCluster | None, progress: bool) -> SegmentationResult:
+    """`segment_slide` once its arguments are typed: plan, resume, segment tiles, write, clean up."""
+    _check_request(request)
+    with open_slide(request.image_path) as slide:
+        plan = _plan_slide(slide, request)
+        inputs = _input_records(request.image_path, plan.spec)
+        parameters = _run_parameters(plan, request)
+        if request.config.resume:
+            finished = _finished_result(
+                request.output_path, inputs, parameters, request.table_path, request.geojson_path, request.started
             )
-            if not model_knows_scale:
-                spec = replace(spec, diameter=measured)
-            else:
-                # Nominal pixel sizes are often wrong (a default written by the scanner software or
-                # a converter): check the size they imply against the nuclei actually in the slide.
-                implied = predictor.card["scale"]["training_diameter_um"] / float(np.mean(slide.pixel_size_um))
-                if measured and max(measured / implied, implied / measured) > SCALE_MISMATCH:
-                    message = (
-                        f"nuclei measure {measured:.1f} px in this slide, but its pixel size and the model's "
-                        f"training scale imply {implied:.1f} px; segmenting at the measured size (check the pixel size)"
-                    )
-                    log.warning(message)
-                    scale_warnings.append(message)
-                    spec = replace(spec, diameter=measured)
-        predictor = get_predictor(spec, slide.pixel_size_um)  # the one the workers will build from this spec
-        inputs = [{"path": str(image_path.resolve()), "sha256": path_sha256(image_path)}]
-        if spec.kind == "model":
-            inputs.append({"path": str(Path(spec.model_dir).resolve()), "sha256": path_sha256(spec.model_dir)})
-        parameters = {
-            "predictor": {
-                "kind": spec.kind,
-                "method": spec.method if spec.kind == "weak" else None,
-                "diameter_px": spec.diameter,
-                "score_threshold": predictor.score_threshold if spec.kind == "model" else None,
-                "outline_contrast_fraction": OUTLINE_CONTRAST_FRACTION if spec.kind == "model" else None,
-            },
-            "tile": grid.tile,
-            "overlap": grid.overlap,
-            "batch_size": int(batch_size),
-            "nuclear_channels": channel_names,
-            "percentiles": [[float(v) for v in row] for row in percentiles],
-            "table": str(table_path) if table_path else None,
-            "geojson": str(geojson_path) if geojson_path else None,
-            "ngff_version": "0.4",
-        }
-        if resume:
-            finished = _finished_result(output_path, inputs, parameters, table_path, geojson_path, started)
             if finished is not None:
-                log.info("output is complete and matches this run; nothing to do (%s)", output_path)
+                log.info("output is complete and matches this run; nothing to do (%s)", request.output_path)
                 return finished
-
-        # Tile results depend on the inputs and these parameters; output paths, parallelism and
-        # the device are left out, so a resumed run may use another worker count (or GPU).
-        tile_parameters = {key: value for key, value in parameters.items() if key not in ("table", "geojson")}
-        cache_key = hashlib.sha256(
-            json.dumps({"inputs": [i["sha256"] for i in inputs], "parameters": tile_parameters,
-                        "version": __version__}, sort_keys=True).encode()
-        ).hexdigest()[:16]
-        cache_dir = work_root / f"segment-{cache_key}"
-        if not resume and cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for path in (output_path, table_path, geojson_path, table_path and table_path.with_suffix(".json")):
-            if path is not None:
-                _remove_stale_partials(path)
-
-        warnings_list = list(scale_warnings)
-        if not tissue_positions:
-            message = "no tissue found (the nuclear channels are blank or pure noise); the output has no nuclei"
-            log.warning(message)
-            warnings_list.append(message)
-        batches = batches_of(tissue_positions, batch_size)
-        cached = {p for p in tissue_positions if tile_cache_file(cache_dir, p).is_file()}
-        # A batch is redone whole when any of its tiles is missing: the predictor then sees
-        # exactly the same batch as an uninterrupted run (batching can change its output).
-        todo = [batch for batch in batches if any(p not in cached for p in batch)]
-        reused = len(tissue_positions) - sum(len(batch) for batch in todo)
-        if tissue_positions:
-            log.info(
-                "%d of %d tiles hold tissue; reusing %d finished tile(s) from %s",
-                len(tissue_positions), len(grid), reused, cache_dir,
-            )
-
-        margin = max(1, grid.overlap // 4)
-        quantum = getattr(predictor, "tile_origin_quantum_px", 1)
-        # Worker processes of a local cluster share the cores; a remote worker keeps its own setting.
-        threads = max(1, (os.cpu_count() or 1) // nprocs) if (nprocs > 1 and not dask_scheduler) else None
-        jobs = [
-            TileJob(
-                image_path=str(image_path.resolve()),
-                spec=spec,
-                pixel_size_um=slide.pixel_size_um,
-                nuclear_channels=tuple(channels),
-                percentiles=tuple((float(a), float(b)) for a, b in percentiles),
-                tiles=tuple((p, align_window(grid.window(*p), quantum), grid.core(*p)) for p in batch),
-                image_shape=(height, width),
-                margin=margin,
-                torch_threads=threads,
-            )
-            for batch in todo
-        ]
-
-        with progress_reporter(sum(len(b) for b in todo), "segmenting tiles", enabled=progress, logger=log) as bar:
-
-            def store(results: list[tuple[tuple[int, int], bytes]]) -> None:
-                for position, data in results:
-                    atomic_write_bytes(tile_cache_file(cache_dir, position), data)
-                bar.advance(len(results))
-
-            if jobs and (nprocs > 1 or dask_scheduler):
-                run_on_dask(jobs, store, nprocs, dask_scheduler)
-            else:
-                run_in_process(jobs, store)
-
-        tissue_mp = sum(
-            (grid.core(*p)[2] - grid.core(*p)[0]) * (grid.core(*p)[3] - grid.core(*p)[1]) for p in tissue_positions
-        ) / 1e6
-        finished: list[SegmentationResult] = []
-
-        def complete(temporary: Path, n_nuclei: int, n_layers: int) -> None:
-            seconds = time.monotonic() - started
-            outcome = SegmentationResult(
-                output_path=output_path,
-                table_path=table_path,
-                geojson_path=geojson_path,
-                record_path=output_path / RUN_RECORD_NAME,
-                n_nuclei=n_nuclei,
-                n_layers=n_layers,
-                n_tiles=len(grid),
-                n_tiles_skipped_empty=len(grid) - len(tissue_positions),
-                n_tiles_reused=reused,
-                seconds=round(seconds, 3),
-                tissue_megapixels=round(tissue_mp, 4),
-                megapixels_per_second=round(tissue_mp / seconds, 4) if seconds > 0 else 0.0,
-                nuclear_channels=channel_names,
-                warnings=warnings_list,
-            )
-            write_run_record(temporary, outcome, inputs, parameters)
-            finished.append(outcome)
-
-        _write_outputs(
-            slide, grid, tissue, cache_dir, output_path, channels, channel_names, percentiles,
-            table_path, geojson_path, progress, complete,
-        )
-        outcome = finished[0]
+        cache_dir = _prepare_cache(request, inputs, parameters)
+        todo, reused = _pending_batches(plan, cache_dir, request.config.batch_size)
+        _segment_tiles(plan, todo, cache_dir, request, cluster, progress)
+        outcome = _write_outputs(slide, plan, cache_dir, request, reused, inputs, parameters, progress)
     shutil.rmtree(cache_dir, ignore_errors=True)
+    work_root = request.work_root
     if work_root.is_dir() and not any(work_root.iterdir()):
         work_root.rmdir()
     log.info(
         "%d nuclei in %d layer(s); %d tiles (%d without tissue, %d reused) in %.1f s, %.2f MP/s of tissue -> %s",
         outcome.n_nuclei, outcome.n_layers, outcome.n_tiles, outcome.n_tiles_skipped_empty,
-        outcome.n_tiles_reused, outcome.seconds, outcome.megapixels_per_second, output_path,
+        outcome.n_tiles_reused, outcome.seconds, outcome.megapixels_per_second, request.output_path,
     )
     return outcome
+
+
+def _check_request(request: _Request) -> None:
+    """Refuse outputs that cannot be written and predictors that cannot run, before any work.
+
+    Raises
+    ------
+    UsageError, CannotCreateOutputError, MissingInputError
+    """
+    _check_output_path(request.output_path)
+    for extra in (request.table_path, request.geojson_path):
+        if extra is not None and extra.exists() and extra.is_dir():
+            raise CannotCreateOutputError("is a folder; give a file path for the table / GeoJSON", extra)
+    spec = request.spec
+    if spec.kind == "model" and not Path(spec.model_dir).is_dir():
+        raise MissingInputError("model folder not found; train one with `nuclei-app train`", spec.model_dir)
+    if spec.kind == "weak" and request.config.score_threshold is not None:
+        raise UsageError("--score-threshold applies to a model (--model), not to the weak labeler")
+
+
+def _plan_slide(slide: Any, request: _Request) -> _SlidePlan:
+    """Grid, nuclear channels, whole-slide percentiles, tissue tiles and the slide's nucleus scale."""
+    config = request.config
+    _, height, width = slide.shape
+    grid = make_tile_grid((height, width), config.tile, config.overlap)
+    predictor = _predictor(request.spec, slide, config)
+    channels = resolve_channels(slide, predictor, config.nuclear_channels)
+    largest = getattr(predictor, "max_object_px", None)
+    if largest is not None and config.overlap < 0.5 * float(largest):
+        log.warning("the overlap (%d px) is small next to the largest nucleus the model can output", config.overlap)
+    percentiles = channel_percentiles(slide, channels)
+    tissue = tissue_tiles(*tissue_overview(slide, channels, percentiles), grid)
+    tissue_positions = [position for position in grid.positions() if tissue[position]]
+    spec, warnings = _settle_scale(slide, request.spec, predictor, channels, percentiles, grid, tissue_positions)
+    if not tissue_positions:
+        message = "no tissue found (the nuclear channels are blank or pure noise); the output has no nuclei"
+        log.warning(message)
+        warnings.append(message)
+    return _SlidePlan(
+        grid=grid, tissue=tissue, tissue_positions=tissue_positions, spec=spec,
+        predictor=_predictor(spec, slide, config), channels=channels,
+        channel_names=[slide.channel_names[i] for i in channels], percentiles=percentiles,
+        pixel_size_um=slide.pixel_size_um, warnings=warnings,
+    )
+
+
+def _predictor(spec: PredictorSpec, slide: Any, config: SegmentConfig) -> Any:
+    """The predictor of ``spec`` for this slide, as ``config`` runs it."""
+    return get_predictor(spec, slide.pixel_size_um, config.device, config.score_threshold)
+
+
+def _settle_scale(
+    slide: Any,
+    spec: PredictorSpec,
+    predictor: Any,
+    channels: list[int],
+    percentiles: np.ndarray,
+    grid: TileGrid,
+    tissue_positions: list[tuple[int, int]],
+) -> tuple[PredictorSpec, list[str]]:
+    """The spec with the nucleus diameter every tile will use, and any warning about the scale.
+
+    The weak labeler always needs the slide's nucleus scale; a model needs it when the
+    physical pixel size cannot map the slide onto the scale it was trained at. Nominal pixel
+    sizes are often wrong (a default written by the scanner software or a converter), so a
+    model's implied scale is checked against the nuclei actually in the slide.
+    """
+    model_knows_scale = spec.kind == "model" and bool(
+        slide.pixel_size_um and predictor.card["scale"].get("training_diameter_um")
+    )
+    if spec.diameter is not None or (not tissue_positions and model_knows_scale):
+        return spec, []
+    measured = estimate_slide_diameter(slide, channels, percentiles, [grid.window(*p) for p in tissue_positions])
+    if not model_knows_scale:
+        return replace(spec, diameter=measured), []
+    implied = predictor.card["scale"]["training_diameter_um"] / float(np.mean(slide.pixel_size_um))
+    if not measured or max(measured / implied, implied / measured) <= SCALE_MISMATCH:
+        return spec, []
+    message = (
+        f"nuclei measure {measured:.1f} px in this slide, but its pixel size and the model's "
+        f"training scale imply {implied:.1f} px; segmenting at the measured size (check the pixel size)"
+    )
+    log.warning(message)
+    return replace(spec, diameter=measured), [message]
+
+
+def _input_records(image_path: Path, spec: PredictorSpec) -> list[dict[str, str]]:
+    """The slide (and the model folder) with their content hashes, for the run record."""
+    inputs = [{"path": str(image_path.resolve()), "sha256": path_sha256(image_path)}]
+    if spec.kind == "model":
+        inputs.append({"path": str(Path(spec.model_dir).resolve()), "sha256": path_sha256(spec.model_dir)})
+    return inputs
+
+
+def _run_parameters(plan: _SlidePlan, request: _Request) -> dict[str, Any]:
+    """Everything that influences the output (compared by ``resume``; recorded in the run record)."""
+    spec, is_model = plan.spec, plan.spec.kind == "model"
+    return {
+        "predictor": {
+            "kind": spec.kind,
+            "method": None if is_model else spec.method,
+            "diameter_px": spec.diameter,
+            "score_threshold": plan.predictor.score_threshold if is_model else None,
+            "outline_contrast_fraction": OUTLINE_CONTRAST_FRACTION if is_model else None,
+        },
+        "tile": plan.grid.tile,
+        "overlap": plan.grid.overlap,
+        "batch_size": int(request.config.batch_size),
+        "nuclear_channels": plan.channel_names,
+        "percentiles": [[float(v) for v in row] for row in plan.percentiles],
+        "table": str(request.table_path) if request.table_path else None,
+        "geojson": str(request.geojson_path) if request.geojson_path else None,
+        "ngff_version": "0.4",
+    }
+
+
+def _prepare_cache(request: _Request, inputs: list[dict[str, str]], parameters: dict[str, Any]) -> Path:
+    """The per-tile cache folder of these inputs and parameters (emptied without ``resume``),
+    with partial outputs of killed runs removed.
+
+    Tile results depend on the inputs and the parameters; output paths, parallelism and the
+    device are left out of the key, so a resumed run may use another worker count (or GPU).
+    """
+    tile_parameters = {key: value for key, value in parameters.items() if key not in ("table", "geojson")}
+    cache_key = hashlib.sha256(
+        json.dumps({"inputs": [i["sha256"] for i in inputs], "parameters": tile_parameters,
+                    "version": __version__}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    cache_dir = request.work_root / f"segment-{cache_key}"
+    if not request.config.resume and cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    table = request.table_path
+    for path in (request.output_path, table, request.geojson_path, table and table.with_suffix(".json")):
+        if path is not None:
+            _remove_stale_partials(path)
+    return cache_dir
+
+
+def _pending_batches(
+    plan: _SlidePlan, cache_dir: Path, batch_size: int
+) -> tuple[list[list[tuple[int, int]]], int]:
+    """Batches of tissue tiles still to segment, and how many tiles the cache already holds.
+
+    A batch is redone whole when any of its tiles is missing: the predictor then sees
+    exactly the same batch as an uninterrupted run (batching can change its output).
+    """
+    positions = plan.tissue_positions
+    cached = {p for p in positions if tile_cache_file(cache_dir, p).is_file()}
+    todo = [batch for batch in batches_of(positions, batch_size) if any(p not in cached for p in batch)]
+    reused = len(positions) - sum(len(batch) for batch in todo)
+    if positions:
+        log.info(
+            "%d of %d tiles hold tissue; reusing %d finished tile(s) from %s",
+            len(positions), len(plan.grid), reused, cache_dir,
+        )
+    return todo, reused
+
+
+def _segment_tiles(
+    plan: _SlidePlan,
+    todo: list[list[tuple[int, int]]],
+    cache_dir: Path,
+    request: _Request,
+    cluster: DaskCluster | None,
+    progress: bool,
+) -> None:
+    """Segment the pending batches (in this process or on Dask), caching each tile's result."""
+    with progress_reporter(sum(len(b) for b in todo), "segmenting tiles", enabled=progress, logger=log) as bar:
+
+        def store(results: list[tuple[tuple[int, int], bytes]]) -> None:
+            for position, data in results:
+                atomic_write_bytes(tile_cache_file(cache_dir, position), data)
+            bar.advance(len(results))
+
+        if not todo:
+            return
+        held: AbstractContextManager[DaskCluster | None] = (
+            nullcontext(cluster) if cluster is not None else dask_cluster(request.config)
+        )
+        with held as target:
+            threads = target.torch_threads if target is not None else None
+            run_jobs(_tile_jobs(plan, todo, request, threads), store, target)
+
+
+def _tile_jobs(
+    plan: _SlidePlan, todo: list[list[tuple[int, int]]], request: _Request, torch_threads: int | None
+) -> list[TileJob]:
+    """One picklable `TileJob` per pending batch."""
+    grid = plan.grid
+    quantum = getattr(plan.predictor, "tile_origin_quantum_px", 1)
+    return [
+        TileJob(
+            image_path=str(request.image_path.resolve()),
+            spec=plan.spec,
+            pixel_size_um=plan.pixel_size_um,
+            nuclear_channels=tuple(plan.channels),
+            percentiles=tuple((float(a), float(b)) for a, b in plan.percentiles),
+            tiles=tuple((p, align_window(grid.window(*p), quantum), grid.core(*p)) for p in batch),
+            image_shape=grid.shape,
+            margin=max(1, grid.overlap // 4),
+            device=request.config.device,
+            score_threshold=request.config.score_threshold,
+            torch_threads=torch_threads,
+        )
+        for batch in todo
+    ]
 
 
 def _finished_result(
@@ -467,23 +519,51 @@ def _finished_result(
 
 def _write_outputs(
     slide: Any,
-    grid: TileGrid,
-    tissue: np.ndarray,
+    plan: _SlidePlan,
     cache_dir: Path,
-    output_path: Path,
-    channels: list[int],
-    channel_names: list[str],
-    percentiles: np.ndarray,
-    table_path: Path | None,
-    geojson_path: Path | None,
+    request: _Request,
+    reused: int,
+    inputs: list[dict[str, str]],
+    parameters: dict[str, Any],
     progress: bool,
-    on_complete: Callable[[Path, int, int], None],
-) -> None:
+) -> SegmentationResult:
     """Stitch the cached tiles and stream the store, table and GeoJSON to temporary names.
 
-    ``on_complete(temporary_store, n_nuclei, n_layers)`` runs last, before the store is
-    renamed to its final name (it writes the completion record).
+    Tables first, then the run record (the last word), then the store's rename to its
+    final name. On any failure the partial table and GeoJSON are discarded.
     """
+    grid = plan.grid
+    stitcher = SlideStitcher(grid.n_rows, grid.n_cols, _cached_tile_loader(plan.tissue, cache_dir))
+    table: NucleiTableWriter | None = None
+    geojson: GeoJSONWriter | None = None
+    try:
+        if request.table_path:
+            table = NucleiTableWriter(request.table_path, slide.channel_names, slide.pixel_size_um)
+        geojson = GeoJSONWriter(request.geojson_path) if request.geojson_path else None
+        with progress_reporter(len(grid), "stitching", enabled=progress, logger=log) as bar:
+            for stitched in stitcher.run():
+                for writer in (table, geojson):
+                    if writer is not None:
+                        writer.write_tile(stitched)
+                bar.advance()
+        n_layers = max(1, stitcher.n_layers)
+        with atomic_directory(request.output_path) as temporary:
+            _write_store(temporary, slide, plan, stitcher, n_layers, progress)
+            for writer in (table, geojson):
+                if writer is not None:
+                    writer.close()
+            outcome = _result(plan, request, reused, stitcher.n_instances, n_layers)
+            write_run_record(temporary, outcome, inputs, parameters, request.config.to_dict())
+    except BaseException:
+        for writer in (table, geojson):
+            if writer is not None:
+                writer.discard()
+        raise
+    return outcome
+
+
+def _cached_tile_loader(tissue: np.ndarray, cache_dir: Path) -> Callable[[int, int], TileCandidates | None]:
+    """The stitcher's source of tile results: the cache (None for tiles without tissue)."""
 
     def load(row: int, col: int) -> TileCandidates | None:
         if not tissue[row, col]:
@@ -496,49 +576,51 @@ def _write_outputs(
         except (ValueError, KeyError, OSError) as error:
             raise BadDataError(f"cached tile result is damaged ({error}); rerun with --no-resume", path) from None
 
-    stitcher = SlideStitcher(grid.n_rows, grid.n_cols, load)
-    table: NucleiTableWriter | None = None
-    geojson: GeoJSONWriter | None = None
-    try:
-        table = NucleiTableWriter(table_path, slide.channel_names, slide.pixel_size_um) if table_path else None
-        geojson = GeoJSONWriter(geojson_path) if geojson_path else None
-        with progress_reporter(len(grid), "stitching", enabled=progress, logger=log) as bar:
-            for stitched in stitcher.run():
-                if table is not None:
-                    table.write_tile(stitched)
-                if geojson is not None:
-                    geojson.write_tile(stitched)
-                bar.advance()
-        n_layers = max(1, stitcher.n_layers)
-        with atomic_directory(output_path) as temporary:
-            writer = SegmentationZarrWriter(
-                temporary, grid.shape, slide.dtype, channel_names, slide.pixel_size_um, chunk=grid.stride
-            )
-            names = [FLAT_LABEL_NAME, *(layer_label_name(k) for k in range(n_layers))]
-            writer.add_labels(names)
-            with progress_reporter(len(grid), "writing labels", enabled=progress, logger=log) as bar:
-                for row, col in grid.positions():
-                    box = grid.core(row, col)
-                    y0, x0, y1, x1 = box
-                    writer.write_image_region(y0, x0, slide.read_region(y0, x0, y1 - y0, x1 - x0, channels=channels))
-                    instances = stitcher.instances_in(box, row, col)
-                    if instances:
-                        flat, layers = paint_region(box, instances, n_layers)
-                        writer.write_label_region(FLAT_LABEL_NAME, y0, x0, flat)
-                        for layer in range(n_layers):
-                            writer.write_label_region(layer_label_name(layer), y0, x0, layers[layer])
-                    bar.advance()
-            writer.finish(display_windows=[(float(a), float(b)) for a, b in percentiles])
-            # Tables first, then the record, then the store's rename: the record is the last word.
-            if table is not None:
-                table.close()
-            if geojson is not None:
-                geojson.close()
-            on_complete(temporary, stitcher.n_instances, n_layers)
-    except BaseException:
-        if table is not None:
-            table.discard()
-        if geojson is not None:
-            geojson.discard()
-        raise
+    return load
 
+
+def _write_store(
+    store: Path, slide: Any, plan: _SlidePlan, stitcher: SlideStitcher, n_layers: int, progress: bool
+) -> None:
+    """Write the nuclear channels, the flat label view and the overlap layers, one output chunk (core) at a time."""
+    grid = plan.grid
+    writer = SegmentationZarrWriter(
+        store, grid.shape, slide.dtype, plan.channel_names, slide.pixel_size_um, chunk=grid.stride
+    )
+    writer.add_labels([FLAT_LABEL_NAME, *(layer_label_name(k) for k in range(n_layers))])
+    with progress_reporter(len(grid), "writing labels", enabled=progress, logger=log) as bar:
+        for row, col in grid.positions():
+            box = grid.core(row, col)
+            y0, x0, y1, x1 = box
+            writer.write_image_region(y0, x0, slide.read_region(y0, x0, y1 - y0, x1 - x0, channels=plan.channels))
+            instances = stitcher.instances_in(box, row, col)
+            if instances:
+                flat, layers = paint_region(box, instances, n_layers)
+                writer.write_label_region(FLAT_LABEL_NAME, y0, x0, flat)
+                for layer in range(n_layers):
+                    writer.write_label_region(layer_label_name(layer), y0, x0, layers[layer])
+            bar.advance()
+    writer.finish(display_windows=[(float(a), float(b)) for a, b in plan.percentiles])
+
+
+def _result(plan: _SlidePlan, request: _Request, reused: int, n_nuclei: int, n_layers: int) -> SegmentationResult:
+    """The `SegmentationResult` of a run that segmented (part of) the slide now."""
+    grid = plan.grid
+    seconds = time.monotonic() - request.started
+    tissue_mp = sum(grid.core_area(*p) for p in plan.tissue_positions) / 1e6
+    return SegmentationResult(
+        output_path=request.output_path,
+        table_path=request.table_path,
+        geojson_path=request.geojson_path,
+        record_path=request.output_path / RUN_RECORD_NAME,
+        n_nuclei=n_nuclei,
+        n_layers=n_layers,
+        n_tiles=len(grid),
+        n_tiles_skipped_empty=len(grid) - len(plan.tissue_positions),
+        n_tiles_reused=reused,
+        seconds=round(seconds, 3),
+        tissue_megapixels=round(tissue_mp, 4),
+        megapixels_per_second=round(tissue_mp / seconds, 4) if seconds > 0 else 0.0,
+        nuclear_channels=plan.channel_names,
+        warnings=list(plan.warnings),
+    )

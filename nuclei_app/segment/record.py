@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-from nuclei_app.provenance import utc_timestamp
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from nuclei_app import __version__
-from nuclei_app.provenance import path_sha256
 from typing import Any
-from dataclasses import asdict
-from dataclasses import dataclass
-from dataclasses import field
+
+from nuclei_app import __version__
 from nuclei_app.atomic import atomic_write_json
+from nuclei_app.provenance import path_sha256, utc_timestamp
 from nuclei_app.schemas import validate_instance
 
 
@@ -33,8 +31,23 @@ def read_run_record(output_path: str | Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("tool") == "nuclei-app" else None
 
 
-def write_run_record(store: Path, outcome: SegmentationResult, inputs: list[dict], parameters: dict) -> None:
-    """Write the completion record (schema ``run_record``) into the finished store."""
+def write_run_record(
+    store: Path, outcome: SegmentationResult, inputs: list[dict], parameters: dict, config: dict[str, Any]
+) -> None:
+    """Write the completion record (schemas ``run_record``, ``segmentation_record``) into the finished store.
+
+    Parameters
+    ----------
+    store : Path
+        The store being completed (its temporary name).
+    outcome : SegmentationResult
+    inputs : list of dict
+        ``{"path", "sha256"}`` of the slide and the model folder.
+    parameters : dict
+        Everything that influenced the output (what ``--resume`` compares).
+    config : dict
+        The `nuclei_app.config.SegmentConfig` of the run (``SegmentConfig.to_dict()``).
+    """
 
     summary = outcome.summary()
     for key in ("output_path", "table_path", "geojson_path", "record_path", "seconds", "megapixels_per_second",
@@ -52,6 +65,7 @@ def write_run_record(store: Path, outcome: SegmentationResult, inputs: list[dict
         "command": "segment",
         "inputs": inputs,
         "parameters": parameters,
+        "config": config,
         "outputs": outputs,
         "summary": summary,
     }

@@ -44,6 +44,10 @@ class TileJob:
         Slide (Y, X), to tell internal tile edges from slide borders.
     margin : int
         Candidate margin beyond the core (see `nuclei_app.stitch.tile_candidates`).
+    device : {"auto", "cpu", "cuda"}
+        Where a model runs (`nuclei_app.config.SegmentConfig.device`).
+    score_threshold : float or None
+        A model's score cut-off (None: its card's).
     torch_threads : int or None
         Intra-op threads for a model on CPU in a worker process (None: leave as is).
     """
@@ -56,6 +60,8 @@ class TileJob:
     tiles: tuple[tuple[tuple[int, int], Box, Box], ...]
     image_shape: tuple[int, int]
     margin: int
+    device: str = "cpu"
+    score_threshold: float | None = None
     torch_threads: int | None = None
 
 
@@ -85,7 +91,7 @@ def run_tile_job(job: TileJob) -> list[tuple[tuple[int, int], bytes]]:
 
         torch.set_num_threads(job.torch_threads)
     slide = _worker_slide(job.image_path)
-    predictor = get_predictor(job.spec, job.pixel_size_um)
+    predictor = get_predictor(job.spec, job.pixel_size_um, job.device, job.score_threshold)
     percentiles = np.asarray(job.percentiles, dtype=np.float32).reshape(-1, 2)
     raw_windows, inputs = [], []
     for _, (y0, x0, y1, x1), _ in job.tiles:
@@ -106,9 +112,11 @@ def run_tile_job(job: TileJob) -> list[tuple[tuple[int, int], bytes]]:
 
 
 def batches_of(positions: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    """``positions`` cut into consecutive batches of ``size`` (the last may be shorter)."""
     return [positions[start : start + size] for start in range(0, len(positions), size)]
 
 
 def tile_cache_file(cache_dir: Path, position: tuple[int, int]) -> Path:
+    """Where the cached result of the tile at ``position`` (row, col) lives."""
     return cache_dir / f"tile_r{position[0]:05d}_c{position[1]:05d}.npz"
 
