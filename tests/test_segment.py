@@ -29,6 +29,7 @@ from nuclei_app.core.tiling import make_tile_grid
 from nuclei_app.segment.pipeline import segment_slide
 from nuclei_app.core.tissue import tissue_mask_from_image
 from nuclei_app.io.tables import read_nuclei_table
+from nuclei_app.io.labels import read_labels
 from nuclei_app.io.ngff import FLAT_LABEL_NAME
 from nuclei_app.io.ome_tiff import write_ome_tiff
 
@@ -529,3 +530,23 @@ def test_tiled_model_output_agrees_with_whole_image_inference_of_the_same_model(
     # The issue's bar. Holds because tile origins sit on the model's feature grid and proposals
     # are chosen by objectness, not by a top-k over the tile (measured 1.0 on this image).
     assert score_instances(tiled, whole)["f1_50"] >= 0.99
+
+
+def test_the_nucleus_size_of_a_slide_is_measured_on_windows_that_hold_whole_nuclei(nuclei_gt_dir, tmp_path):
+    """A 512 x 640 image with 35-px nuclei, cut into 128-px tiles: measured on the tiles themselves
+    the diameter fell to the estimator's 4-px floor and the model ran at 9x the right scale
+    (F1 0.0 on two DSB2018 images). Segmentation now measures it as training does."""
+    from nuclei_app.core.intensity import nuclear_composite
+    from nuclei_app.core.weak import estimate_nucleus_diameter
+
+    image_path = nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_9520aff4efe8_img.tif"
+    result = segment_slide(image_path, tmp_path / "big.ome.zarr", PredictorSpec("weak"),
+                           SegmentConfig(tile=128, overlap=32), progress=False)
+    measured = read_run_record(result.output_path)["parameters"]["predictor"]["diameter_px"]
+    with open_slide(image_path) as slide:
+        percentiles = channel_percentiles(slide, [0])
+        whole = normalise_intensities(slide.read_level(0, [0]), percentiles)
+    expected = estimate_nucleus_diameter(nuclear_composite(whole, np.array([[0.0, 1.0]], np.float32)))
+    assert expected > 25 and measured == pytest.approx(expected, rel=0.05)
+    truth = tifffile.imread(str(image_path).replace("_img", "_masks"))
+    assert score_instances(read_labels(result.output_path), truth)["f1_50"] > 0.5

@@ -52,7 +52,8 @@ from nuclei_app.io.tables import GeoJSONWriter, NucleiTableWriter
 from nuclei_app.progress import get_logger, progress_reporter
 from nuclei_app.provenance import path_sha256
 from nuclei_app.segment.executors import DaskCluster, dask_cluster, run_jobs
-from nuclei_app.segment.predictors import PredictorSpec, SCALE_MISMATCH, estimate_slide_diameter, get_predictor
+from nuclei_app.io.slides import measure_nucleus_diameter
+from nuclei_app.segment.predictors import PredictorSpec, SCALE_MISMATCH, get_predictor
 from nuclei_app.segment.record import RUN_RECORD_NAME, SegmentationResult, read_run_record, write_run_record
 from nuclei_app.segment.tiles import TileJob, batches_of, tile_cache_file
 
@@ -343,7 +344,7 @@ def _settle_scale(
     )
     if spec.diameter is not None or (not tissue_positions and model_knows_scale):
         return spec, []
-    measured = estimate_slide_diameter(slide, channels, percentiles, [grid.window(*p) for p in tissue_positions])
+    measured = measure_nucleus_diameter(slide, channels, percentiles, [grid.window(*p) for p in tissue_positions])
     if not model_knows_scale:
         return replace(spec, diameter=measured), []
     implied = predictor.card["scale"]["training_diameter_um"] / float(np.mean(slide.pixel_size_um))

@@ -4,17 +4,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from nuclei_app.errors import UsageError
 from nuclei_app.core.instances import Instances
-from nuclei_app.core.intensity import normalise_intensities
-from nuclei_app.core.stitching import Box
 from nuclei_app.model.device import resolve_device
-from nuclei_app.core.weak import estimate_nucleus_diameter
-from nuclei_app.core.intensity import nuclear_composite
 from nuclei_app.core.weak import weak_labels
 
 
@@ -110,26 +106,6 @@ class WeakPredictor:
 # A model's scale from the pixel size is overruled when the slide's nuclei measure more than
 # this factor away from it (a wrong nominal pixel size would otherwise resize nuclei badly).
 SCALE_MISMATCH = 1.6
-
-
-def estimate_slide_diameter(
-    slide: Any, channels: Sequence[int], percentiles: np.ndarray, windows: Sequence[Box], max_windows: int = 3
-) -> float | None:
-    """Median nucleus diameter (pixels) estimated on a few tissue windows spread over the slide.
-
-    The weak labeler would otherwise estimate it per tile, and tiles would disagree.
-    """
-
-    if not windows:
-        return None
-    picks = sorted({int(round(i)) for i in np.linspace(0, len(windows) - 1, min(max_windows, len(windows)))})
-    estimates = []
-    for index in picks:
-        y0, x0, y1, x1 = windows[index]
-        tile = normalise_intensities(slide.read_region(y0, x0, y1 - y0, x1 - x0, channels=channels), percentiles)
-        identity = np.tile(np.asarray([[0.0, 1.0]], dtype=np.float32), (tile.shape[0], 1))
-        estimates.append(estimate_nucleus_diameter(nuclear_composite(tile, identity), slide.pixel_size_um))
-    return round(float(np.median(estimates)), 2)
 
 
 _PREDICTORS: dict[tuple, Any] = {}

@@ -15,11 +15,10 @@ from nuclei_app.model.heads import integral_image
 from nuclei_app.model.transform import rescale_image
 from nuclei_app.seeding import generator
 from nuclei_app.core.tiling import make_tile_grid
-from nuclei_app.io.slides import tissue_overview
+from nuclei_app.io.slides import measure_nucleus_diameter, tissue_overview
 from nuclei_app.core.tissue import tissue_tiles
 from nuclei_app.io.slides import channel_percentiles, open_slide
 from nuclei_app.core.channels import select_nuclear_channels, stain_key
-from nuclei_app.core.weak import estimate_nucleus_diameter
 from nuclei_app.bids.discover import discover
 
 
@@ -113,9 +112,9 @@ def load_training_images(
                     "regions": [list(r) for r in regions],
                 }
             )
-        # One scale per slide (from a few regions), so all its tiles are resized alike.
-        diameter = float(np.median([estimate_nucleus_diameter(region.mean(0), pixel_size_um=pixel_size)
-                                    for region in raw_regions[:3]]))
+            # One scale per slide, measured as `segment` measures it, so all its tiles are resized alike.
+            diameter = measure_nucleus_diameter(slide, channels, percentiles,
+                                                [(y, x, y + h, x + w) for y, x, h, w in regions], pixel_size)
         scale = config.model_preset.canonical_diameter / max(diameter, 1.0)
         for index, region in enumerate(raw_regions):
             images.append(
