@@ -22,7 +22,8 @@ Levels (BIDS Apps 1.0):
   ``group_failures.json`` (schema ``group_failures``).
 
 Every level writes ``OUTPUT_DIR/dataset_description.json`` (schema
-``derivative_description``; atomically and idempotently, so parallel jobs agree) and its
+``derivative_description``; atomically and idempotently, so parallel jobs agree), a
+``.bidsignore`` naming the outputs BIDS has no name for (`write_bidsignore`), and its
 effective configuration to ``OUTPUT_DIR/logs/config-<level>-<time>-<pid>.json`` (a valid
 ``--config`` file). Every file is written under a temporary name and renamed when
 complete, so parallel jobs into one output folder never see half-written files.
@@ -81,6 +82,7 @@ __all__ = [
     "read_models_index",
     "run_bids_app",
     "select_slides",
+    "write_bidsignore",
     "write_dataset_description",
 ]
 
@@ -96,6 +98,22 @@ FAILURES_DIR = "failures"
 GROUP_FAILURES = "group_failures.json"
 DEFAULT_WORK_DIR = ".work"
 DEFAULT_BIDS_VERSION = "1.9.0"
+#: Lines of ``OUTPUT_DIR/.bidsignore`` (gitignore syntax, as NiPreps write it): the outputs that
+#: the BIDS specification has no name for (models, per-nucleus tables, QC reports and their
+#: overlays, the group files), so that the official BIDS validator skips them instead of
+#: reporting NOT_INCLUDED / SIDECAR_WITHOUT_DATAFILE. ``logs/`` is a BIDS folder already.
+BIDSIGNORE_LINES: tuple[str, ...] = (
+    "# nuclei-app: outputs that BIDS has no file name for",
+    f"/{MODELS_DIR}",
+    f"*_desc-{DESC}_objects.tsv",
+    f"*_desc-{DESC}_objects.json",
+    f"*_desc-{DESC}_qc.json",
+    f"*_desc-{DESC}_qc",
+    "/group_qc.tsv",
+    "/group_qc.json",
+    f"/{GROUP_FAILURES}",
+    "/report.html",
+)
 #: A training lock whose holder gave no sign of life for this long is taken over.
 LOCK_STALE_SECONDS = 1800.0
 LOCK_POLL_SECONDS = 2.0
@@ -388,6 +406,27 @@ def write_dataset_description(output_dir: str | Path, bids_dir: str | Path) -> P
                 "OUTPUT_DIR already holds a dataset not made by nuclei-app; choose an empty or nuclei-app output folder", path
             )
     return atomic_write_json(path, description)
+
+
+def write_bidsignore(output_dir: str | Path) -> Path:
+    """Add the lines of `BIDSIGNORE_LINES` missing from ``OUTPUT_DIR/.bidsignore``.
+
+    Lines already there (the user's own included) are kept; nothing is written when every
+    line is present, and the file is replaced atomically, so parallel jobs agree.
+    """
+    from nuclei_app.atomic import atomic_write_text
+
+    path = Path(output_dir) / ".bidsignore"
+    try:
+        existing = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        existing = []
+    except (OSError, UnicodeDecodeError) as error:
+        raise CannotCreateOutputError(f"cannot read .bidsignore ({error}); remove or repair it", path) from None
+    missing = [line for line in BIDSIGNORE_LINES if line not in existing]
+    if not missing:
+        return path
+    return atomic_write_text(path, "\n".join(existing + missing) + "\n")
 
 
 # ======================================================================================
@@ -1305,6 +1344,7 @@ def run_bids_app(
     except OSError as error:
         raise CannotCreateOutputError(f"cannot create OUTPUT_DIR ({error.strerror}); choose a writable folder", output_dir) from None
     write_dataset_description(output_dir, bids_dir)
+    write_bidsignore(output_dir)
     config_path = _write_run_config(output_dir, analysis_level, config)
     result = RunResult(analysis_level, output_dir, config, config_path)
 
