@@ -1087,7 +1087,7 @@ def _write_outputs(
     geojson: GeoJSONWriter | None = None
     try:
         table = NucleiTableWriter(table_path, slide.channel_names, slide.pixel_size_um) if table_path else None
-        geojson = GeoJSONWriter(geojson_path) if geojson_path else None
+        geojson = GeoJSONWriter(geojson_path, slide.channel_names, slide.pixel_size_um) if geojson_path else None
         with progress_reporter(len(grid), "stitching", enabled=progress, logger=log) as bar:
             for stitched in stitcher.run():
                 if table is not None:
