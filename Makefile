@@ -44,8 +44,10 @@ clean:
 # Replays the Dockerfile's COPY + pip install steps in a clean venv (a fresh torch install:
 # minutes and GBs, so never part of `make test`), then runs the entry point read-only in the
 # BIDS-Apps form on the sample dataset. See tools/container_check.py.
+# TORCH_VARIANT=cpu replays the slim CPU image (needs PyTorch's CPU wheel index reachable).
+TORCH_VARIANT ?=
 container-check: setup
-	$(BIN)/python tools/container_check.py
+	$(BIN)/python tools/container_check.py $(if $(TORCH_VARIANT),--build-arg TORCH_VARIANT=$(TORCH_VARIANT))
 
 # The evidence table of issue 7: nuclei_app vs Otsu/LoG watershed, StarDist, Cellpose 3 and a
 # plain Mask R-CNN, plus ablations and upper bounds, on every source under BENCHMARK_DATA.
