@@ -141,7 +141,10 @@ class _StreamingFile:
         The output these files belong to failed, so nothing of it may look complete.
         """
         if not self.handle.closed:
-            self.handle.close()
+            try:
+                self.handle.close()
+            except OSError:  # a full disk: the buffered rest cannot be flushed, and is dropped anyway
+                pass
         self.temporary.unlink(missing_ok=True)
         for path in self.committed:
             path.unlink(missing_ok=True)
