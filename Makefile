@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo_output
 
-.PHONY: setup demo test clean container-check browser benchmark
+.PHONY: setup demo test clean container-check browser viewer benchmark
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,viewer]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,17 +26,28 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	fi
 
-test: setup browser
+# The napari viewer test needs a virtual X display (Debian's xvfb) for Qt's OpenGL context:
+# installed here like chromium (as root, when missing); otherwise the test fails in CI.
+XVFB ?= /usr/bin/Xvfb
+viewer:
+	@if [ ! -x "$(XVFB)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			xvfb libgl1 libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3; \
+	fi
+
+test: setup browser viewer
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) .pytest_cache test-artifacts
 
 # Replays the Dockerfile's COPY + pip install steps in a clean venv (a fresh torch install:
 # minutes and GBs, so never part of `make test`), then runs the entry point read-only in the
 # BIDS-Apps form on the sample dataset. See tools/container_check.py.
+# TORCH_VARIANT=cpu replays the slim CPU image (needs PyTorch's CPU wheel index reachable).
+TORCH_VARIANT ?=
 container-check: setup
-	$(BIN)/python tools/container_check.py
+	$(BIN)/python tools/container_check.py $(if $(TORCH_VARIANT),--build-arg TORCH_VARIANT=$(TORCH_VARIANT))
 
 # The evidence table of issue 7: nuclei_app vs Otsu/LoG watershed, StarDist, Cellpose 3 and a
 # plain Mask R-CNN, plus ablations and upper bounds, on every source under BENCHMARK_DATA.

@@ -4,8 +4,10 @@
 
 ``root/bids/``
     A BIDS microscopy dataset (``dataset_description.json``, ``README``,
-    ``participants.tsv``, ``samples.tsv``, an inherited root sidecar ``FLUO.json`` and one
-    sidecar per slide) with three synthetic 4-channel slides (DAPI, Histone H3, NeuN,
+    ``participants.tsv``, ``samples.tsv``, a root sidecar ``FLUO.json`` inherited by every
+    slide and one sidecar per slide; no sidecar overrides a field it inherits, so the
+    official BIDS validator raises no ``SIDECAR_FIELD_OVERRIDE``) with three synthetic
+    4-channel slides (DAPI, Histone H3, NeuN,
     GFAP; 0.5 µm/px) of densely packed, partly overlapping nuclei in tissue with empty
     background, written as a pyramidal tiled OME-TIFF, an OME-Zarr (NGFF 0.4) and a
     pyramidal BigTIFF (``.ome.btf``), and one real single-channel image (BBBC038/DSB2018,
@@ -364,8 +366,12 @@ def _layout(root: Path) -> SampleDataset:
     return SampleDataset(root=root, bids_dir=bids_dir, ground_truth_dir=truth, slides=slides)
 
 
+#: Bumped when the files written change, so that an older complete dataset is rewritten.
+_LAYOUT = 2
+
+
 def _marker_text(seed: int) -> str:
-    return f"nuclei-app {__version__} sample dataset, seed {int(seed)}\n"
+    return f"nuclei-app {__version__} sample dataset, seed {int(seed)}, layout {_LAYOUT}\n"
 
 
 def _is_complete(root: Path, seed: int) -> bool:
@@ -427,18 +433,10 @@ def _write_bids_text(bids_dir: Path, seed: int) -> None:
             ["sample-D", "sub-03", "cell line"],
         ],
     )
-    # inherited by every FLUO image; the real image's own sidecar overrides PixelSize
-    _write_json(
-        bids_dir / "FLUO.json",
-        {
-            "PixelSize": [SYNTHETIC_PIXEL_SIZE_UM, SYNTHETIC_PIXEL_SIZE_UM],
-            "PixelSizeUnits": "um",
-            "Manufacturer": "synthetic",
-            "SampleEnvironment": "ex vivo",
-            "SampleFixation": "4% paraformaldehyde",
-            "BodyPart": "BRAIN",
-        },
-    )
+    # inherited by every FLUO image: only what all four share. Fields that differ (PixelSize,
+    # BodyPart, ...) live in each slide's own sidecar: BIDS warns when a deeper sidecar
+    # overrides an inherited value (SIDECAR_FIELD_OVERRIDE).
+    _write_json(bids_dir / "FLUO.json", {"PixelSizeUnits": "um"})
 
 
 def _write_real_slide(bids_dir: Path, slide: SampleSlide) -> None:
@@ -452,7 +450,6 @@ def _write_real_slide(bids_dir: Path, slide: SampleSlide) -> None:
         slide.path.with_name(slide.path.name.split(".")[0] + ".json"),
         {
             "PixelSize": [REAL_PIXEL_SIZE_UM, REAL_PIXEL_SIZE_UM],
-            "PixelSizeUnits": "um",
             "SampleStaining": ["Hoechst 33342"],
             "SampleEnvironment": "in vitro",
             "BodyPart": "BONE",
@@ -502,7 +499,15 @@ def make_sample_dataset(root: str | Path, seed: int = 0) -> SampleDataset:
                 write_ome_tiff(slide.path, synthetic.image, slide.channel_names, slide.pixel_size_um)
             _write_json(
                 slide.path.with_name(slide.path.name.split(".")[0] + ".json"),
-                {"SampleStaining": list(SYNTHETIC_CHANNELS), "SliceThickness": 10},
+                {
+                    "PixelSize": [SYNTHETIC_PIXEL_SIZE_UM, SYNTHETIC_PIXEL_SIZE_UM],
+                    "Manufacturer": "synthetic",
+                    "SampleEnvironment": "ex vivo",
+                    "SampleFixation": "4% paraformaldehyde",
+                    "BodyPart": "BRAIN",
+                    "SampleStaining": list(SYNTHETIC_CHANNELS),
+                    "SliceThickness": 10,
+                },
             )
             write_label_tiff(slide.labels, synthetic.labels)
             write_label_layers_tiff(slide.layers, synthetic.layers)

@@ -78,3 +78,31 @@ def trained_model_dir(tmp_path_factory) -> Path:
     config = TrainingConfig(rounds=0, steps_per_round=150, heads=2, seed=0, max_minutes=30, device="cpu")
     train_model([SAMPLE_IMAGE], model_dir, config)
     return model_dir
+
+
+#: Training as short as it gets: the tests that use it check the plumbing, not accuracy.
+TINY_TRAINING = ["--steps", "4", "--rounds", "0", "--heads", "1", "--max-minutes", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """The embedded sample dataset (`nuclei_app.sample_data`), made once per test session."""
+    from nuclei_app.sample_data import make_sample_dataset
+
+    return make_sample_dataset(tmp_path_factory.mktemp("sample") / "data", seed=0)
+
+
+@pytest.fixture(scope="session")
+def derivatives(sample, tmp_path_factory):
+    """`run BIDS OUT train` on participant 01, then the bare BIDS-Apps form `BIDS OUT participant`.
+
+    One derivative dataset per test session, shared by tests/test_bids_app.py and the official
+    BIDS validator's test: (output folder, exit code of train, exit code of participant).
+    """
+    from nuclei_app.cli import main
+
+    output = tmp_path_factory.mktemp("derivatives") / "out"
+    train_code = main(["run", str(sample.bids_dir), str(output), "train", "--participant-label", "01", *TINY_TRAINING])
+    participant_code = main([str(sample.bids_dir), str(output), "participant", "--participant-label", "sub-01",
+                             "--device", "cpu"])
+    return output, train_code, participant_code

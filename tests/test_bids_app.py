@@ -1,7 +1,9 @@
 """The BIDS App end to end: `nuclei-app run BIDS_DIR OUTPUT_DIR {train,participant,group}`.
 
-One tiny model (a few optimizer steps, no self-training round) is trained once per module
-and shared; the tests check layout, provenance and exit codes, not segmentation quality.
+One tiny model (a few optimizer steps, no self-training round) is trained once per test
+session and shared (fixture `derivatives` in conftest.py, also checked by the official BIDS
+validator in test_bids_validator.py); the tests check layout, provenance and exit codes, not
+segmentation quality.
 """
 
 from __future__ import annotations
@@ -18,30 +20,11 @@ import pytest
 from nuclei_app.errors import ExitCode
 from nuclei_app.schemas import schema_errors
 
+from conftest import TINY_TRAINING  # the fixtures `sample` and `derivatives` live there too
+
 pytestmark = pytest.mark.slow
 
-#: Training as short as it gets: the tests check the plumbing, not accuracy.
-TINY_TRAINING = ["--steps", "4", "--rounds", "0", "--heads", "1", "--max-minutes", "2", "--device", "cpu"]
 SLIDE_A = "sub-01/ses-01/micr/sub-01_ses-01_sample-A_FLUO.ome.tif"
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    from nuclei_app.sample_data import make_sample_dataset
-
-    return make_sample_dataset(tmp_path_factory.mktemp("sample") / "data", seed=0)
-
-
-@pytest.fixture(scope="module")
-def derivatives(sample, tmp_path_factory):
-    """`run BIDS OUT train` on participant 01, then the bare BIDS-Apps form `BIDS OUT participant`."""
-    from nuclei_app.cli import main
-
-    output = tmp_path_factory.mktemp("derivatives") / "out"
-    train_code = main(["run", str(sample.bids_dir), str(output), "train", "--participant-label", "01", *TINY_TRAINING])
-    participant_code = main([str(sample.bids_dir), str(output), "participant", "--participant-label", "sub-01",
-                             "--device", "cpu"])
-    return output, train_code, participant_code
 
 
 def _load(path: Path) -> dict:

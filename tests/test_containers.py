@@ -2,7 +2,8 @@
 
 The Dockerfile and apptainer.def are parsed (with the parser `make container-check` uses to
 replay them): entry point, non-root user, pinned install steps identical to pyproject.toml
-and constraints.txt, labels, the environment that makes the image read-only-safe, and the
+and constraints.txt for both torch variants (the recipes' install commands run in bash with
+`python` and `rm` stubbed, so the shell's own `case` picks the wheel index), labels, the environment that makes the image read-only-safe, and the
 variables `nuclei_app.bids_app.container_info` reads for provenance.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import os
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -68,22 +71,47 @@ def _constraints() -> dict[str, str]:
     return pins
 
 
-def _pip_installs(commands: list[str]) -> list[list[str]]:
-    """The argument lists of every `python -m pip install ...` in shell commands (split at &&)."""
-    installs = []
-    for command in commands:
-        for part in command.split("&&"):
-            words = shlex.split(part)
-            if "pip" in words and "install" in words:
-                installs.append(words[words.index("install") + 1 :])
-    return installs
+#: TORCH_VARIANT -> the index options of the torch install step (the package step uses PyPI).
+VARIANTS = {"cuda": [], "cpu": ["--index-url", "https://download.pytorch.org/whl/cpu"]}
+
+#: Stand-ins for the recipe's commands: `python -m pip install ARGS` prints ARGS (one line, unit
+#: separated), `rm` does nothing; everything else (case, exports) runs as written.
+_STUBS = """set -e
+python() { [ "$1 $2 $3" = "-m pip install" ] || exit 97; shift 3; printf '%s\\037' "$@"; printf '\\n'; }
+rm() { :; }
+"""
 
 
-def _check_install_steps(installs: list[list[str]]) -> None:
+def _render(script: str, variant: str) -> str:
+    """The recipe text with its build argument given (Docker's ${...}, Apptainer's {{ ... }})."""
+    return script.replace("${TORCH_VARIANT}", variant).replace("{{ TORCH_VARIANT }}", variant)
+
+
+def _shell_installs(script: str, variant: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", _STUBS + _render(script, variant)], capture_output=True, text=True,
+                          timeout=60, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+
+
+def _pip_installs(script: str, variant: str) -> list[list[str]]:
+    """The argument lists of every `python -m pip install ...` the recipe runs for ``variant``."""
+    result = _shell_installs(script, variant)
+    assert result.returncode == 0, result.stderr
+    return [line.split("\x1f")[:-1] for line in result.stdout.splitlines()]
+
+
+def _dockerfile_script(dockerfile) -> str:
+    return "\n".join(args for keyword, args in dockerfile if keyword == "RUN" and "pip install" in args)
+
+
+def _check_install_steps(installs: list[list[str]], variant: str) -> None:
     assert len(installs) == 2, installs
     pins, constraints = _pins(), _constraints()
     assert pins == {"torch": "2.14.1", "torchvision": "0.29.1"}  # what the recipes and the docs promise
-    for arguments in installs:
+    index = VARIANTS[variant]
+    torch_step, package_step = installs
+    assert torch_step[: len(index)] == index, torch_step  # only the torch step changes index
+    torch_step = torch_step[len(index) :]
+    for arguments in (torch_step, package_step):
         assert arguments[:2] == ["-c", "/opt/nuclei-app/constraints.txt"], arguments  # every step is constrained
         for requirement in arguments[2:]:
             if "==" in requirement:
@@ -91,9 +119,8 @@ def _check_install_steps(installs: list[list[str]]) -> None:
                 assert pins.get(name) == version == constraints[name], requirement
             else:
                 assert requirement == "/opt/nuclei-app/src", requirement  # the package from the repository
-    torch_step = installs[0][2:]
-    assert sorted(torch_step) == sorted(f"{name}=={version}" for name, version in pins.items())
-    assert installs[1][2:] == ["/opt/nuclei-app/src"]
+    assert sorted(torch_step[2:]) == sorted(f"{name}=={version}" for name, version in pins.items())
+    assert package_step == ["-c", "/opt/nuclei-app/constraints.txt", "/opt/nuclei-app/src"]
 
 
 def test_dockerfile_base_entrypoint_and_user(dockerfile):
@@ -110,9 +137,18 @@ def test_dockerfile_base_entrypoint_and_user(dockerfile):
     assert "HEALTHCHECK" not in keywords and "EXPOSE" not in keywords  # a batch tool: no service, no probe
 
 
-def test_dockerfile_install_steps_match_pyproject_pins(dockerfile):
-    runs = [args for keyword, args in dockerfile if keyword == "RUN"]
-    _check_install_steps(_pip_installs(runs))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_dockerfile_install_steps_match_pyproject_pins(dockerfile, variant):
+    _check_install_steps(_pip_installs(_dockerfile_script(dockerfile), variant), variant)
+
+def test_dockerfile_copies_and_torch_variant_argument(dockerfile, check_tool):
+    arguments = dict(args.partition("=")[::2] for keyword, args in dockerfile if keyword == "ARG")
+    assert arguments["TORCH_VARIANT"] == "cuda"  # the default image works on GPUs too
+    refused = _shell_installs(_dockerfile_script(dockerfile), "rocm")
+    assert refused.returncode == 64 and "TORCH_VARIANT must be cuda or cpu" in refused.stderr
+    assert not refused.stdout  # nothing installed
+    env = _dockerfile_env(dockerfile, check_tool)
+    assert env["NUCLEI_APP_TORCH_VARIANT"] == "cuda"
     copies = [shlex.split(args) for keyword, args in dockerfile if keyword == "COPY"]
     assert ["constraints.txt", "/opt/nuclei-app/constraints.txt"] in copies
     copied = {source for *sources, _ in copies for source in sources}
@@ -178,9 +214,15 @@ def test_apptainer_builds_the_same_environment(apptainer_sections, dockerfile):
     header = dict(line.split(":", 1) for line in apptainer_sections[""])
     assert header["Bootstrap"].strip() == "docker"
     assert header["From"].strip() == dict(dockerfile)["FROM"]  # same base as the Dockerfile
-    _check_install_steps(_pip_installs(apptainer_sections["post"]))
-    docker_installs = _pip_installs([args for keyword, args in dockerfile if keyword == "RUN"])
-    assert _pip_installs(apptainer_sections["post"]) == docker_installs  # the very same commands
+    arguments = dict(line.split("=", 1) for line in apptainer_sections["arguments"])
+    assert arguments == {"TORCH_VARIANT": "cuda"}  # the same default as the Dockerfile
+    post = "\n".join(apptainer_sections["post"])
+    for variant in VARIANTS:
+        _check_install_steps(_pip_installs(post, variant), variant)
+        docker_installs = _pip_installs(_dockerfile_script(dockerfile), variant)
+        assert _pip_installs(post, variant) == docker_installs  # the very same commands
+    refused = _shell_installs(post, "rocm")
+    assert refused.returncode == 64 and "TORCH_VARIANT must be cuda or cpu" in refused.stderr
     files = {tuple(line.split()) for line in apptainer_sections["files"]}
     assert ("constraints.txt", "/opt/nuclei-app/constraints.txt") in files
     assert {source for source, _ in files} == {"constraints.txt", "pyproject.toml", "README.md", "nuclei_app"}

@@ -46,7 +46,12 @@ def _edit_json(path: Path, **changes) -> None:
 
 
 def _rename(root: Path, old: str, new: str) -> None:
+    """Rename an image and, as a person would, its own sidecar (it holds the slide's PixelSize)."""
     (root / old).rename(root / new)
+    old_sidecar = (root / old).with_name(Path(old).name.split(".")[0] + ".json")
+    new_sidecar = (root / new).with_name(Path(new).name.split(".")[0] + ".json")
+    if old_sidecar != new_sidecar and old_sidecar.is_file():
+        old_sidecar.rename(new_sidecar)
 
 
 def _break_dataset_description(root: Path) -> None:
@@ -96,7 +101,7 @@ def _break_sidecar_json(root: Path) -> None:
 
 
 def _break_pixel_size_missing(root: Path) -> None:
-    _edit_json(root / "FLUO.json", PixelSize=None)  # only sample-D has its own PixelSize
+    _edit_json(root / "FLUO.json", PixelSizeUnits=None)  # inherited by every slide; none has its own
 
 
 def _break_pixel_size_mismatch(root: Path) -> None:
@@ -193,8 +198,8 @@ def test_one_problem_per_file_and_rule_and_library_report(copy):
     assert len(pairs) == len(set(pairs))
     assert ("sub-01/ses-02/micr/sub-01_ses-02_sample-B_FLUO.ome.zarr", "sample-not-listed") in pairs
     missing = {p.path for p in report.problems if p.rule == "pixel-size-missing"}
-    assert missing == {f"{A}.ome.tif", f"{B}.ome.zarr", f"{C}.ome.btf"}  # sample-D keeps its own PixelSize
-    assert json.loads(report.to_json())["problem_count"] == len(report.problems) == 4
+    assert missing == {f"{A}.ome.tif", f"{B}.ome.zarr", f"{C}.ome.btf", f"{D}.ome.tif"}  # all inherit the units
+    assert json.loads(report.to_json())["problem_count"] == len(report.problems) == 5
 
 
 def test_missing_or_file_bids_dir_exits_66(run_cli, tmp_path):

@@ -16,7 +16,10 @@ Replays the Dockerfile's own steps on this machine:
    ``nuclei-app BIDS OUT participant --participant-label 01 ...``;
 5. checks the derivative outputs and prints the time of every step.
 
-Usage: ``python tools/container_check.py [--keep] [--steps N]`` from the repository root.
+Usage: ``python tools/container_check.py [--keep] [--steps N] [--build-arg NAME=VALUE ...]``
+from the repository root (``--build-arg TORCH_VARIANT=cpu`` replays the slim CPU image,
+which needs PyTorch's CPU wheel index to be reachable). The size of the installed
+environment is printed, split into the CUDA libraries, triton, torch and the rest.
 """
 
 from __future__ import annotations
@@ -92,11 +95,40 @@ def set_writable(root: Path, writable: bool) -> None:
     root.chmod(mode | stat.S_IWUSR if writable else mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
+def environment_size(venv: Path) -> dict[str, int]:
+    """Bytes of the installed environment: CUDA wheels (nvidia-*, cuda-*), triton, torch, the rest."""
+    groups = {"cuda libraries (nvidia-*, cuda-*)": 0, "triton": 0, "torch": 0, "everything else": 0}
+    for folder, _, files in os.walk(venv):
+        relative = Path(folder).relative_to(venv).parts
+        top = relative[3] if len(relative) > 3 and relative[:1] == ("lib",) else ""  # lib/python3.11/site-packages/<top>
+        if top.startswith(("nvidia", "cuda")):
+            group = "cuda libraries (nvidia-*, cuda-*)"
+        elif top.startswith("triton"):
+            group = "triton"
+        elif top == "torch" or top.startswith("torch-"):
+            group = "torch"
+        else:
+            group = "everything else"
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                groups[group] += path.stat().st_size
+    return groups
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--steps", type=int, default=10, help="training steps of the tiny model (default 10)")
+    parser.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="override an ARG of the Dockerfile, like docker build --build-arg (e.g. TORCH_VARIANT=cpu)")
     options = parser.parse_args()
+    build_args = {}
+    for item in options.build_arg:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            parser.error(f"--build-arg takes NAME=VALUE, not {item!r}")
+        build_args[name] = value
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="nuclei-app-container-check-"))
     scratch.chmod(0o755)
@@ -110,7 +142,7 @@ def main() -> int:
             raise SystemExit(f"run this check with Python 3.11 (the image's), not {sys.version.split()[0]}")
         run([sys.executable, "-m", "venv", str(venv)])
         python = venv / "bin" / "python"
-        variables: dict[str, str] = {}
+        variables: dict[str, str] = dict(build_args)  # ARG defaults below do not replace these
         image_env: dict[str, str] = {}
         user = entrypoint = None
         for keyword, args in instructions:
@@ -165,6 +197,11 @@ def main() -> int:
         if mismatched:
             raise SystemExit(f"installed versions differ from constraints.txt: {', '.join(mismatched)}")
         step(f"{len(listed)} distributions installed, all at their constraints.txt versions", started)
+        sizes = environment_size(venv)
+        for group, size in sizes.items():
+            print(f"[container-check] size: {group}: {size / 1e9:.2f} GB", flush=True)
+        print(f"[container-check] size: installed environment ({variables.get('TORCH_VARIANT', '?')} torch): "
+              f"{sum(sizes.values()) / 1e9:.2f} GB, plus the python:3.11-slim base", flush=True)
 
         if not entrypoint or entrypoint[0] != "nuclei-app" or not user or user.split(":")[0] in ("root", "0"):
             raise SystemExit(f"unexpected ENTRYPOINT {entrypoint} or USER {user}")

@@ -58,6 +58,8 @@ from nuclei_app.atomic import atomic_write_json
 from nuclei_app.qc.group_report import write_group_report
 from nuclei_app.schemas import validate_instance
 from nuclei_app.bids.validate import validate_dataset
+from nuclei_app.bids_app.derivatives import GROUP_FAILURES
+from nuclei_app.bids_app.derivatives import write_bidsignore
 
 
 
@@ -65,7 +67,6 @@ from nuclei_app.bids.validate import validate_dataset
 log = get_logger("nuclei_app.bids_app")
 
 
-GROUP_FAILURES = "group_failures.json"
 
 
 DEFAULT_WORK_DIR = ".work"
@@ -297,6 +298,7 @@ def run_bids_app(
     except OSError as error:
         raise CannotCreateOutputError(f"cannot create OUTPUT_DIR ({error.strerror}); choose a writable folder", output_dir) from None
     write_dataset_description(output_dir, bids_dir)
+    write_bidsignore(output_dir)
     config_path = _write_run_config(output_dir, analysis_level, config)
     result = RunResult(analysis_level, output_dir, config, config_path)
 

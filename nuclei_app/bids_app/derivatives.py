@@ -17,11 +17,30 @@ from nuclei_app.atomic import atomic_write_json
 from nuclei_app.schemas import validate_instance
 from nuclei_app.bids.discover import bids_derivative_name
 from nuclei_app.io.slides import open_slide
+from nuclei_app.atomic import atomic_write_text
 
 log = get_logger("nuclei_app.bids_app")
 
 
 DESC = "nuclei"
+MODELS_DIR = "models"
+GROUP_FAILURES = "group_failures.json"
+#: Lines of ``OUTPUT_DIR/.bidsignore`` (gitignore syntax, as NiPreps write it): the outputs that
+#: the BIDS specification has no name for (models, per-nucleus tables, QC reports and their
+#: overlays, the group files), so that the official BIDS validator skips them instead of
+#: reporting NOT_INCLUDED / SIDECAR_WITHOUT_DATAFILE. ``logs/`` is a BIDS folder already.
+BIDSIGNORE_LINES: tuple[str, ...] = (
+    "# nuclei-app: outputs that BIDS has no file name for",
+    f"/{MODELS_DIR}",
+    f"*_desc-{DESC}_objects.tsv",
+    f"*_desc-{DESC}_objects.json",
+    f"*_desc-{DESC}_qc.json",
+    f"*_desc-{DESC}_qc",
+    "/group_qc.tsv",
+    "/group_qc.json",
+    f"/{GROUP_FAILURES}",
+    "/report.html",
+)
 
 
 DEFAULT_BIDS_VERSION = "1.9.0"
@@ -118,6 +137,25 @@ def write_dataset_description(output_dir: str | Path, bids_dir: str | Path) -> P
 # ======================================================================================
 # Inputs, outputs, selection
 # ======================================================================================
+
+
+def write_bidsignore(output_dir: str | Path) -> Path:
+    """Add the lines of `BIDSIGNORE_LINES` missing from ``OUTPUT_DIR/.bidsignore``.
+
+    Lines already there (the user's own included) are kept; nothing is written when every
+    line is present, and the file is replaced atomically, so parallel jobs agree.
+    """
+    path = Path(output_dir) / ".bidsignore"
+    try:
+        existing = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        existing = []
+    except (OSError, UnicodeDecodeError) as error:
+        raise CannotCreateOutputError(f"cannot read .bidsignore ({error}); remove or repair it", path) from None
+    missing = [line for line in BIDSIGNORE_LINES if line not in existing]
+    if not missing:
+        return path
+    return atomic_write_text(path, "\n".join(existing + missing) + "\n")
 
 
 def check_output_location(bids_dir: str | Path, output_dir: str | Path) -> None:

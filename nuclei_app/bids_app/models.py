@@ -26,11 +26,11 @@ from nuclei_app.core.channels import NUCLEAR_STAIN_ALIASES, select_nuclear_chann
 from nuclei_app.io.slides import open_slide
 from nuclei_app.atomic import atomic_write_json
 from nuclei_app.schemas import validate_instance
+from nuclei_app.bids_app.derivatives import MODELS_DIR
 
 log = get_logger("nuclei_app.bids_app")
 
 
-MODELS_DIR = "models"
 
 
 MODELS_INDEX = "index.json"

@@ -141,7 +141,10 @@ class _StreamingFile:
         The output these files belong to failed, so nothing of it may look complete.
         """
         if not self.handle.closed:
-            self.handle.close()
+            try:
+                self.handle.close()
+            except OSError:  # a full disk: the buffered rest cannot be flushed, and is dropped anyway
+                pass
         self.temporary.unlink(missing_ok=True)
         for path in self.committed:
             path.unlink(missing_ok=True)
@@ -241,9 +244,22 @@ def nucleus_polygon(bbox: Sequence[int], crop: np.ndarray) -> list[list[float]]:
 
 
 def nucleus_feature(
-    label: int, layer: int, score: float, head_agreement: float, area: int, bbox: Sequence[int], crop: np.ndarray
+    label: int, layer: int, score: float, head_agreement: float, area: int, bbox: Sequence[int], crop: np.ndarray,
+    measurements: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """One GeoJSON Feature (QuPath detection) of a nucleus."""
+    """One GeoJSON Feature (QuPath detection) of a nucleus.
+
+    ``measurements`` (name -> number, QuPath's map form) defaults to label, layer, score,
+    head_agreement and area_px; `GeoJSONWriter` passes every numeric column of the table.
+    """
+    if measurements is None:
+        measurements = {
+            "label": int(label),
+            "layer": int(layer),
+            "score": round(float(score), 4),
+            "head_agreement": round(float(head_agreement), 4),
+            "area_px": int(area),
+        }
     return {
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": [nucleus_polygon(bbox, crop)]},
@@ -253,13 +269,7 @@ def nucleus_feature(
             "classification": {"name": "Nucleus", "color": [0, 128, 255]},
             "label": int(label),
             "layer": int(layer),
-            "measurements": {
-                "label": int(label),
-                "layer": int(layer),
-                "score": round(float(score), 4),
-                "head_agreement": round(float(head_agreement), 4),
-                "area_px": int(area),
-            },
+            "measurements": measurements,
         },
     }
 
@@ -268,20 +278,29 @@ class GeoJSONWriter(_StreamingFile):
     """Stream a GeoJSON FeatureCollection, one feature per nucleus (schema ``nuclei_geojson``).
 
     The first features are checked against the schema (every feature is built by the same
-    function, so checking a sample keeps large slides fast).
+    function, so checking a sample keeps large slides fast). Given the slide's channel names
+    (and pixel size), each feature's ``measurements`` hold every column of the nuclei table
+    with a value (``n/a`` cells are left out), under the same names, as QuPath imports them.
     """
 
     VALIDATE_FIRST = 16
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, channel_names: Sequence[str] | None = None,
+                 pixel_size_um: tuple[float, float] | None = None) -> None:
         super().__init__(path)
         self.handle.write('{"type": "FeatureCollection", "features": [\n')
         self.n_features = 0
+        self.pixel_size_um = pixel_size_um
+        self.columns = None if channel_names is None else (
+            [name for name, _, _ in FIXED_COLUMNS] + channel_column_names([str(name) for name in channel_names]))
 
     def write_tile(self, stitched: StitchedTile) -> None:
         """Append one feature per nucleus of a stitched tile."""
         candidates = stitched.candidates
+        rows = nucleus_rows(stitched, self.pixel_size_um) if self.columns is not None else None
         for position, index in enumerate(stitched.kept):
+            measurements = None if rows is None else {
+                column: float(value) for column, value in zip(self.columns, rows[position]) if value != MISSING}
             feature = nucleus_feature(
                 int(stitched.ids[position]),
                 int(stitched.layers[position]),
@@ -290,6 +309,7 @@ class GeoJSONWriter(_StreamingFile):
                 int(candidates.areas[index]),
                 candidates.bboxes[index],
                 candidates.crops[index],
+                measurements,
             )
             if self.n_features < self.VALIDATE_FIRST:
                 validate_instance({"type": "FeatureCollection", "features": [feature]}, "nuclei_geojson", self.path)

@@ -540,7 +540,8 @@ def _write_outputs(
     try:
         if request.table_path:
             table = NucleiTableWriter(request.table_path, slide.channel_names, slide.pixel_size_um)
-        geojson = GeoJSONWriter(request.geojson_path) if request.geojson_path else None
+        geojson = (GeoJSONWriter(request.geojson_path, slide.channel_names, slide.pixel_size_um)
+                   if request.geojson_path else None)
         with progress_reporter(len(grid), "stitching", enabled=progress, logger=log) as bar:
             for stitched in stitcher.run():
                 for writer in (table, geojson):
