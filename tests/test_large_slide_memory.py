@@ -24,8 +24,8 @@ CHILD = textwrap.dedent(
     cap = int(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # the full array could never be allocated
 
-    from nuclei_app.read import open_slide
-    from nuclei_app.write import write_ome_tiff
+    from nuclei_app.io.slides import open_slide
+    from nuclei_app.io.ome_tiff import write_ome_tiff
 
     SIZE, BOX = 20000, (9000, 11000)
 
