@@ -128,44 +128,62 @@ NUCLEI_APP_VARIANTS: dict[str, dict] = {
 }
 
 
+def segment_labels(model_dir: str | Path, image_path: str | Path, work_dir: str | Path,
+                   score_threshold: float | None = None) -> np.ndarray:
+    """An image's labels exactly as ``nuclei-app segment IMAGE --model MODEL_DIR --no-qc`` writes them.
+
+    The one inference path: `segment_slide` (scale from the measured nucleus size, tiling,
+    stitching, the model's cut-off or ``score_threshold``, outline trim) into a temporary
+    store, read back as uint32 (H, W). Every nuclei_app row of the benchmark goes through here.
+    """
+    import shutil
+
+    from nuclei_app.config import SegmentConfig
+    from nuclei_app.io.labels import read_labels
+    from nuclei_app.segment.pipeline import segment_slide
+    from nuclei_app.segment.predictors import PredictorSpec
+
+    store = Path(work_dir) / f"{Path(image_path).name}.ome.zarr"
+    config = SegmentConfig(device="cpu", score_threshold=score_threshold, resume=False,
+                           work_dir=str(Path(work_dir) / f".{store.name}.work"))
+    try:
+        segment_slide(image_path, store, PredictorSpec("model", model_dir=str(model_dir)), config, progress=False)
+        return read_labels(store)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(config.work_dir, ignore_errors=True)
+
+
 def run_nuclei_app(task: Task) -> dict:
+    """Train as `nuclei-app train` does (`train_model`), predict as `nuclei-app segment` does (`segment_labels`)."""
     from nuclei_app.config import TrainingConfig
-    from nuclei_app.config import OUTLINE_CONTRAST_FRACTION
     from nuclei_app.model.checkpoint import DEFAULT_SCORE_THRESHOLD, model_score_threshold
-    from nuclei_app.train.threshold import choose_score_threshold
-    from nuclei_app.train.pseudo_labels import predict_native_labels
     from nuclei_app.train.loop import train_model
-    from nuclei_app.core.weak import estimate_nucleus_diameter
 
     supervised = task.method == "nuclei_app_supervised"
     # fill_budget: like the peers, every variant trains for the whole budget (the preset's default
     # step count would leave most of it unused), its schedule fitted to the steps that fit.
     config = TrainingConfig(max_minutes=task.budget_seconds / 60, seed=task.seed, fill_budget=True).with_changes(
         **NUCLEI_APP_VARIANTS[task.method])
-    model_dir = Path(task.work_dir) / "model"
-    canonical = config.model_preset.canonical_diameter
+    work = Path(task.work_dir)
+    model_dir = work / "model"
 
-    def predict_with(model, score_threshold: float, trim: bool = True) -> Callable[[str], np.ndarray]:
-        def predict_one(name: str) -> np.ndarray:
-            image, pixel_size = normalised_image(task.image_paths[name])
-            diameter = estimate_nucleus_diameter(image.mean(0), pixel_size_um=pixel_size)
-            return predict_native_labels(model, image, canonical / max(diameter, 1.0), score_threshold=score_threshold,
-                                         outline_contrast_fraction=OUTLINE_CONTRAST_FRACTION if trim else None)
-        return predict_one
+    def segment_with(model_folder: Path, score_threshold: float | None = None) -> Callable[[str], np.ndarray]:
+        return lambda name: segment_labels(model_folder, task.image_paths[name], work / "segment", score_threshold)
 
     hook_seconds = 0.0
 
-    def per_round(model, round_index, images) -> dict:
-        # Predictions after every round: the 0 vs 1 vs R rounds comparison (this time is not
-        # charged to the training budget: train_model excludes its evaluation hook). Each round's
-        # model gets its score threshold chosen as train_model chooses the final one.
+    def per_round(model, round_index, images, snapshot) -> dict:
+        # Predictions after every round: the 0 vs 1 vs R rounds comparison, each round's model
+        # written as `train` would have written it had it stopped there (this time is not
+        # charged to the training budget: train_model excludes its evaluation hook).
         nonlocal hook_seconds
         started = time.time()
-        threshold = choose_score_threshold(model, images)["score_threshold"]
-        predict_all(task, predict_with(model, threshold), folder=str(Path(task.work_dir) / f"round_{round_index}"))
-        model.train()
+        snapshot_dir = work / f"model_round_{round_index}"
+        card = snapshot(snapshot_dir).card
+        predict_all(task, segment_with(snapshot_dir), folder=str(work / f"round_{round_index}"))
         hook_seconds += time.time() - started
-        return {"score_threshold": threshold}
+        return {"score_threshold": model_score_threshold(card)}
 
     started = time.time()
     inputs = [task.image_paths[n] for n in task.train_names]
@@ -176,25 +194,21 @@ def run_nuclei_app(task: Task) -> dict:
     result = train_model(inputs, model_dir, config, evaluation=per_round if per_round_wanted else None,
                          human_labels=masks)
     train_seconds = time.time() - started - hook_seconds
-    result.model.eval()
-    chosen = model_score_threshold(result.card)
-    if task.method == "plain_maskrcnn":  # the stock recipe: a fixed 0.5 cut-off, outlines as drawn
-        timings = predict_all(task, predict_with(result.model, DEFAULT_SCORE_THRESHOLD, trim=False))
-    else:
-        timings = predict_all(task, predict_with(result.model, chosen))
-    # Inference-only ablations of the full method: the same weights without the outline trim,
-    # and with the fixed 0.5 cut-off instead of the chosen one.
+    # plain_maskrcnn keeps the stock fixed 0.5 cut-off; every other variant its chosen one.
+    fixed = DEFAULT_SCORE_THRESHOLD if task.method == "plain_maskrcnn" else None
+    timings = predict_all(task, segment_with(model_dir, fixed))
+    # Inference-only ablation of the full method: the same weights with the fixed 0.5 cut-off.
     inference_ablations = {}
     if task.method == "nuclei_app":
-        for name, threshold, trim in (("ablation_no_outline_trim", chosen, False),
-                                      ("ablation_fixed_threshold", DEFAULT_SCORE_THRESHOLD, True)):
-            inference_ablations[name] = str(Path(task.work_dir) / name)
-            predict_all(task, predict_with(result.model, threshold, trim), folder=inference_ablations[name])
+        inference_ablations["ablation_fixed_threshold"] = str(work / "ablation_fixed_threshold")
+        predict_all(task, segment_with(model_dir, DEFAULT_SCORE_THRESHOLD),
+                    folder=inference_ablations["ablation_fixed_threshold"])
     rounds = [entry["round"] for entry in result.report["rounds"]]
-    return {"train_seconds": train_seconds, **timings, "rounds": rounds, "score_threshold": chosen,
+    return {"train_seconds": train_seconds, **timings, "rounds": rounds,
+            "score_threshold": model_score_threshold(result.card),
             "inference_ablation_dirs": inference_ablations,
             "round_prediction_dirs": {} if not per_round_wanted else
-            {str(r): str(Path(task.work_dir) / f"round_{r}") for r in rounds},
+            {str(r): str(work / f"round_{r}") for r in rounds},
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items()}}
 
 

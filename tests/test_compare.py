@@ -13,6 +13,7 @@ import pytest
 import tifffile
 
 from nuclei_app.core.metrics import score_pooled
+from nuclei_app.io.labels import read_labels
 from nuclei_app.schemas import schema_errors
 from nuclei_app.workflows import weak_label_file
 
@@ -99,8 +100,8 @@ def test_trained_methods_rounds_and_upper_bounds(benchmark):
     assert [r for r in rows if r.startswith("nuclei_app_round_")][0] == "nuclei_app_round_0"
     assert all(rows[r]["group"] == "rounds" and rows[r]["train_seconds"] is None
                for r in rows if r.startswith("nuclei_app_round_"))
-    # Inference-only ablations: the full run's own weights, scored without one inference step.
-    for name in ("ablation_no_outline_trim", "ablation_fixed_threshold"):
+    # Inference-only ablation: the full run's own weights, scored without one inference step.
+    for name in ("ablation_fixed_threshold",):
         assert rows[name]["group"] == "ablation" and rows[name]["status"] == "ok"
         assert rows[name]["scores"]["all"]["n_images"] == 3
         assert rows[name]["scores"]["all"]["n_gt"] == ours["scores"]["all"]["n_gt"]
@@ -115,6 +116,22 @@ def test_trained_methods_rounds_and_upper_bounds(benchmark):
         assert stardist["scores"] == {"all": None, "held_out": None}
     else:
         assert stardist["status"] == "ok"
+
+
+def test_the_benchmarks_labels_are_what_segment_writes(benchmark, tmp_path):
+    """One path: the benchmark's nuclei_app labels equal `nuclei-app segment`'s for the same model."""
+    root, source, _ = benchmark
+    method_dir = root / "work" / source.name / "nuclei_app"
+    output = tmp_path / "crop1.ome.zarr"
+    completed = subprocess.run([sys.executable, "-m", "nuclei_app", "segment", str(source / "crop1_img.tif"),
+                                "--model", str(method_dir / "model"), "-o", str(output), "--no-qc"],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    benchmark_labels = tifffile.imread(method_dir / "predictions" / "crop1.tif")
+    np.testing.assert_array_equal(benchmark_labels, read_labels(output))
+    # and every round's labels come from a model folder `segment` can read, as `train` writes it
+    for round_dir in sorted(method_dir.glob("model_round_*")):
+        assert (round_dir / "model_card.json").is_file() and (round_dir / "weights.pt").is_file()
 
 
 def test_correction_and_expansion_are_counted_per_round_over_every_true_nucleus(benchmark):
@@ -173,7 +190,7 @@ def test_unknown_method_and_empty_folder_are_usage_errors(tmp_path):
     assert run_compare(tmp_path, tmp_path / "out", tmp_path / "work", "--methods", "magic").returncode == 2
     # rows scored from the nuclei_app run cannot be run on their own
     assert run_compare(tmp_path, tmp_path / "out", tmp_path / "work", "--methods",
-                       "ablation_no_outline_trim").returncode == 2
+                       "ablation_fixed_threshold").returncode == 2
     completed = run_compare(tmp_path, tmp_path / "out", tmp_path / "work")
     assert completed.returncode == 66 and "no NAME_img.tif" in completed.stderr
 

@@ -316,31 +316,9 @@ def test_every_preset_builds_from_scratch_and_takes_a_training_step_and_predicts
     assert result.head_scores.shape[0] == 2
 
 
-def test_native_labels_are_pasted_at_native_resolution_not_upsampled_from_canonical(trained_model_dir, crop_image):
-    """A slide downscaled 4x to canonical scale gets outlines drawn on its own pixel grid
-    (as `segment` draws them), not 4 x 4 blocks of upsampled canonical labels."""
-    from nuclei_app.core.metrics import score_instances
-    from nuclei_app.train.pseudo_labels import predict_label_image, predict_native_labels
-    from nuclei_app.model.transform import rescale_image
-
-    model, _ = load_model(trained_model_dir)
-    crop = tifffile.imread(crop_image).astype(np.float32)[None] / 255.0
-    native = torch.nn.functional.interpolate(torch.from_numpy(crop)[None], scale_factor=4, mode="bilinear")[0].numpy()
-    labels = predict_native_labels(model, native, 0.25, flips=("none",), outline_contrast_fraction=None)
-    assert labels.shape == native.shape[1:] and len(np.unique(labels)) > 10
-    blocks = labels.reshape(256, 4, 256, 4)
-    mixed_blocks = (blocks != blocks[:, :1, :, :1]).any(axis=(1, 3)).sum()
-    assert mixed_blocks > len(np.unique(labels))  # outlines cut through the canonical pixels
-    # Same nuclei, same places, as the canonical labels blown up 4x.
-    canonical, _, _ = predict_label_image(model, rescale_image(native, 0.25), flips=("none",), score_threshold=0.5)
-    blown_up = np.kron(canonical, np.ones((4, 4), dtype=canonical.dtype))
-    agreement = score_instances(labels, blown_up)
-    assert agreement["f1_50"] > 0.9 and agreement["mean_matched_iou"] > 0.8
-
-
 @pytest.mark.slow
 def test_tiled_prediction_of_training_images_has_no_duplicates_at_tile_overlaps(trained_model_dir):
-    """Self-labelling and the benchmarks predict images in tiles; a tile placed flush with the
+    """Self-labelling predicts images in tiles; a tile placed flush with the
     image end overlaps its neighbour by more than the nominal overlap, and both used to claim the
     nuclei there (each as its own label: 116 duplicates on coelho2009's 430 nuclei)."""
     from conftest import SAMPLE_IMAGE
@@ -357,3 +335,35 @@ def test_tiled_prediction_of_training_images_has_no_duplicates_at_tile_overlaps(
     assert whole.max() > 100
     assert abs(int(tiled.max()) - int(whole.max())) <= 0.03 * whole.max()
     assert score_instances(tiled, whole)["f1_50"] >= 0.95
+
+
+@pytest.mark.slow
+def test_mixed_magnifications_are_each_trained_and_segmented_at_their_own_nucleus_size(
+        crop_image, trained_model_dir, tmp_path):
+    """A 10x image beside a 25x one: each is brought to the canonical size by its own measured
+    nucleus size (never one average), and `segment` measures each slide on its own."""
+    from nuclei_app.config import SegmentConfig
+    from nuclei_app.segment.pipeline import segment_slide
+    from nuclei_app.segment.predictors import PredictorSpec
+    from nuclei_app.train.data import load_training_images
+    from nuclei_app.core.weak import estimate_nucleus_diameter
+
+    low = tifffile.imread(crop_image).astype(np.float32)
+    high = torch.nn.functional.interpolate(torch.from_numpy(low)[None, None], scale_factor=2.5,
+                                           mode="bilinear")[0, 0].numpy()
+    paths = [tmp_path / "low.tif", tmp_path / "high.tif"]
+    for path, image in zip(paths, (low, high)):
+        tifffile.imwrite(path, image.astype(np.uint16))
+    images, _, _ = load_training_images(paths, TrainingConfig())
+    low_item, high_item = images
+    assert high_item.source["diameter_px"] / low_item.source["diameter_px"] == pytest.approx(2.5, rel=0.2)
+    canonical = TrainingConfig().model_preset.canonical_diameter
+    for item in images:  # both arrive with nuclei of the canonical size
+        assert estimate_nucleus_diameter(item.image.mean(0)) == pytest.approx(canonical, rel=0.25)
+    diameters = []
+    for path in paths:  # no pixel size: the model's scale comes from each slide's measured nuclei
+        out = tmp_path / f"{path.stem}.ome.zarr"
+        segment_slide(path, out, PredictorSpec("model", model_dir=str(trained_model_dir)),
+                      SegmentConfig(device="cpu"), progress=False)
+        diameters.append(json.loads((out / "nuclei-app_run.json").read_text())["parameters"]["predictor"]["diameter_px"])
+    assert diameters[1] / diameters[0] == pytest.approx(2.5, rel=0.2)

@@ -32,6 +32,9 @@ from nuclei_app.model.device import resolve_device
 
 log = logging.getLogger(__name__)
 
+#: ``evaluation(model, round_index, training_images, snapshot) -> metrics`` (see `train_model`).
+Evaluation = Callable[[MultiHeadMaskRCNN, int, list[TrainingImage], Callable[[str | Path], "TrainingResult"]], dict]
+
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -112,7 +115,7 @@ def train_model(
     config: TrainingConfig = TrainingConfig(),
     nuclear_channels: str | Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
-    evaluation: Callable[[MultiHeadMaskRCNN, int, list[TrainingImage]], dict] | None = None,
+    evaluation: Evaluation | None = None,
     human_labels: Sequence[str | Path] | None = None,
 ) -> TrainingResult:
     """Train a student de novo from weak labels alone and write it to ``output_dir``.
@@ -124,9 +127,10 @@ def train_model(
     config : the `TrainingConfig` (preset, heads, rounds, time budget, seed...).
     nuclear_channels : channel names to use (default: every recognised nuclear stain).
     progress : called with one line per notable event (for the CLI's log/progress bar).
-    evaluation : optional hook (model, round, training images) -> metrics, used by benchmarks
-        with ground truth; its result is stored in that round's report entry, and its time
-        is not charged to ``config.max_minutes``.
+    evaluation : optional hook ``(model, round, training images, snapshot) -> metrics``, used by
+        benchmarks with ground truth; ``snapshot(folder)`` writes the model folder `train` would
+        write if it stopped after this round (to segment it as a user would). The hook's result
+        is stored in that round's report entry, and its time is not charged to ``config.max_minutes``.
     human_labels : for supervised upper bounds only (benchmarks): one label image per input
         image file, used instead of the weak labels (needs ``config.rounds == 0``); the model
         card then says ``human_labels_used: true``.
@@ -139,24 +143,48 @@ def train_model(
     _seed_everything(config.seed)
     images, channel_names, provenance = _round_zero_images(inputs, config, nuclear_channels, human_labels, say)
     model = build_model(len(channel_names), config.model_preset, heads=config.heads, use_eca=config.use_eca).to(device)
-    rounds_report, timed_out = _self_train(model, images, config, device, say, evaluation)
-    threshold_choice = choose_score_threshold(model, images, device)
-    say(f"score threshold {threshold_choice['score_threshold']:.2f} "
-        f"(F1 {max(threshold_choice['f1_vs_pseudo_labels']):.3f} against the pseudo-labels)")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    card = build_model_card(model, images, channel_names, provenance, config, device, threshold_choice,
-                            weights_sha256(state), seconds=time.time() - started, timed_out=timed_out,
-                            human_labels_used=human_labels is not None)
-    report = {
-        "model_id": card["model_id"],
-        "rounds": rounds_report,
-        "total_seconds": round(time.time() - started, 2),
-        "timed_out": timed_out,
-        "converged": len(rounds_report) < config.rounds + 1 and not timed_out,
-    }
-    save_model(output_dir, state, card, report)
-    say(f"model {card['model_id']} written to {output_dir}")
-    return TrainingResult(output_dir, model, card, report)
+    folder = _ModelFolderWriter(images, channel_names, provenance, config, device, started, human_labels is not None)
+    rounds_report, timed_out = _self_train(model, images, config, device, say, evaluation, folder)
+    result = folder.write(model, output_dir, rounds_report, timed_out, say)
+    say(f"model {result.card['model_id']} written to {output_dir}")
+    return result
+
+
+@dataclass
+class _ModelFolderWriter:
+    """Writes the model folder of a training run: the final one, or a snapshot after any round.
+
+    A snapshot is exactly the folder `train` would have written had it stopped after that
+    round (score cut-off chosen the same way, full card), so benchmarks score every round
+    through `segment` like a user's model.
+    """
+
+    images: list[TrainingImage]
+    channel_names: list[str]
+    provenance: list[dict]
+    config: TrainingConfig
+    device: str
+    started: float
+    human_labels_used: bool
+
+    def write(self, model: MultiHeadMaskRCNN, output_dir: Path, rounds_report: list[dict], timed_out: bool,
+              say: Callable[[str], None] = lambda line: None) -> TrainingResult:
+        threshold_choice = choose_score_threshold(model, self.images, self.device)
+        say(f"score threshold {threshold_choice['score_threshold']:.2f} "
+            f"(F1 {max(threshold_choice['f1_vs_pseudo_labels']):.3f} against the pseudo-labels)")
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        card = build_model_card(model, self.images, self.channel_names, self.provenance, self.config, self.device,
+                                threshold_choice, weights_sha256(state), seconds=time.time() - self.started,
+                                timed_out=timed_out, human_labels_used=self.human_labels_used)
+        report = {
+            "model_id": card["model_id"],
+            "rounds": rounds_report,
+            "total_seconds": round(time.time() - self.started, 2),
+            "timed_out": timed_out,
+            "converged": len(rounds_report) < self.config.rounds + 1 and not timed_out,
+        }
+        save_model(output_dir, state, card, report)
+        return TrainingResult(Path(output_dir), model, card, report)
 
 
 def _round_zero_images(
@@ -195,7 +223,8 @@ def _self_train(
     config: TrainingConfig,
     device: str,
     say: Callable[[str], None],
-    evaluation: Callable[[MultiHeadMaskRCNN, int, list[TrainingImage]], dict] | None,
+    evaluation: Evaluation | None,
+    folder: "_ModelFolderWriter",
 ) -> tuple[list[dict], bool]:
     """Round 0 on the weak labels, then correct + expand + fine-tune until converged or out of time.
 
@@ -231,7 +260,14 @@ def _self_train(
                              round_timed_out)
         if evaluation is not None:
             hook_started = time.monotonic()
-            entry["evaluation"] = evaluation(model, round_index, images)
+            def snapshot(target: str | Path, rounds: list[dict] = rounds_report + [entry]) -> TrainingResult:
+                was_training = model.training  # choosing the cut-off predicts in eval mode
+                try:
+                    return folder.write(model, Path(target), rounds, timed_out)
+                finally:
+                    model.train(was_training)
+
+            entry["evaluation"] = evaluation(model, round_index, images, snapshot)
             deadline += time.monotonic() - hook_started  # scoring is not training: not charged to the budget
         rounds_report.append(entry)
         if round_index > 0 and stats.changed_fraction < config.convergence_fraction:

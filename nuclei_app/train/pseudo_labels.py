@@ -5,12 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-from nuclei_app.config import OUTLINE_CONTRAST_FRACTION, TrainingConfig
+from nuclei_app.config import TrainingConfig
 from nuclei_app.errors import BadDataError
 from nuclei_app.model.mask_rcnn import MAX_HIDDEN_SHARE, MultiHeadMaskRCNN, paste_mask_crops
-from nuclei_app.core.instances import Instances, suppress_hidden, trim_to_local_contrast
+from nuclei_app.core.instances import Instances, suppress_hidden
 from nuclei_app.seeding import generator
-from nuclei_app.model.transform import pad_batch, rescale_image
+from nuclei_app.model.transform import pad_batch
 from nuclei_app.train.data import TrainingImage
 from nuclei_app.core.weak import weak_labels
 from nuclei_app.core.metrics import as_label_image
@@ -139,8 +139,6 @@ def predict_label_image(
     flips: tuple[str, ...] = ("none", "h"),
     score_threshold: float = 0.3,
     device: str = "cpu",
-    output_shape: tuple[int, int] | None = None,
-    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Predict a canonical-scale image (C, H, W) in overlapping tiles.
 
@@ -150,18 +148,12 @@ def predict_label_image(
     may claim it, so copies mostly hidden under a higher-scoring object are dropped
     (`suppress_hidden`) over the whole image before the labels are painted.
 
-    With ``output_shape`` and ``scale``, ``image`` is a native image of that shape resized by ``scale``
-    (`nuclei_app.model.transform.to_canonical`),
-    and the labels are drawn at native resolution: each mask grid is resized straight into its
-    native box, as `segment` does. Upsampling canonical labels instead would give a nucleus
-    downscaled 5x a staircase outline of 5-pixel steps.
+    For self-training only (training images are already at canonical scale); slides and
+    benchmarks are labelled by `nuclei_app.segment`, at their native resolution.
     """
     model.eval()
     _, height, width = image.shape
-    out_height, out_width = output_shape if output_shape is not None else (height, width)
-    # Canonical -> output: `to_canonical` samples on the exact scale, so the inverse is 1 / scale.
-    to_output = torch.full((4,), 1.0 / scale if output_shape is not None and scale else 1.0)
-    min_pixels = 4 * float(to_output[0] * to_output[1])  # 4 canonical pixels
+    min_pixels = 4
     boxes, crops, scores, agreements = [], [], [], []
     step = tile - overlap
     ys = list(range(0, max(height - tile, 0) + 1, step)) or [0]
@@ -184,9 +176,9 @@ def predict_label_image(
             if not keep.any():
                 continue
             keep_t = torch.from_numpy(np.nonzero(keep)[0])
-            image_boxes = (result.boxes[keep_t].cpu() + torch.tensor([x0, y0, x0, y0])) * to_output
+            image_boxes = result.boxes[keep_t].cpu() + torch.tensor([x0, y0, x0, y0])
             tile_boxes, tile_crops = paste_mask_crops(result.mask_probs[keep_t], image_boxes)
-            tile_instances = Instances.from_crops((out_height, out_width), tile_boxes, tile_crops,
+            tile_instances = Instances.from_crops((height, width), tile_boxes, tile_crops,
                                                   result.scores[keep_t].cpu().numpy(),
                                                   result.head_agreement[keep_t].cpu().numpy())
             boxes.append(tile_instances.boxes)
@@ -195,13 +187,13 @@ def predict_label_image(
             agreements.append(tile_instances.head_agreement)
     if not crops:
         empty = np.zeros(1, np.float32)
-        return np.zeros((out_height, out_width), dtype=np.uint32), empty, empty
+        return np.zeros((height, width), dtype=np.uint32), empty, empty
     instances = suppress_hidden(
-        Instances.from_crops((out_height, out_width), np.concatenate(boxes), crops, np.concatenate(scores),
+        Instances.from_crops((height, width), np.concatenate(boxes), crops, np.concatenate(scores),
                              np.concatenate(agreements)),
         MAX_HIDDEN_SHARE,
     )
-    labels = np.zeros((out_height, out_width), dtype=np.uint32)
+    labels = np.zeros((height, width), dtype=np.uint32)
     kept_scores, kept_agreements = [0.0], [0.0]
     for index in np.argsort(-instances.scores, kind="stable"):  # higher score wins shared pixels
         by0, bx0, by1, bx1 = instances.boxes[index]
@@ -373,24 +365,3 @@ def self_label(model, images: list[TrainingImage], config: TrainingConfig, devic
         total.teacher_student_f1 += stats.teacher_student_f1 / len(images)
     total.head_agreement = float(np.mean(agreements)) if agreements else None
     return total
-
-
-def predict_native_labels(model: MultiHeadMaskRCNN, image: np.ndarray, scale: float, device: str = "cpu",
-                          flips: tuple[str, ...] = ("none", "h"), score_threshold: float = 0.5,
-                          outline_contrast_fraction: float | None = OUTLINE_CONTRAST_FRACTION) -> np.ndarray:
-    """Label a normalised image (C, H, W) at its own resolution: resize by ``scale``, predict, paste
-    the masks at native resolution, trim outlines to the stain (`trim_to_local_contrast`;
-    ``outline_contrast_fraction=None``: untrimmed, for ablations).
-
-    Returns uint32 (H, W). For scoring whole images against ground truth (benchmarks, tests);
-    slides go through `nuclei_app.segment`, which tiles, stitches and streams.
-    """
-    labels, _, _ = predict_label_image(model, rescale_image(image, scale), flips=flips, device=device,
-                                       score_threshold=score_threshold, output_shape=image.shape[1:], scale=scale)
-    if outline_contrast_fraction is None:
-        return labels
-    # Outlines trimmed at native resolution as `NucleiPredictor` trims them in slides.
-    instances = trim_to_local_contrast(Instances.from_label_image(labels), image.mean(axis=0),
-                                       model.preset.canonical_diameter / scale, outline_contrast_fraction)
-    return instances.select(instances.areas() > 0).to_label_image()
-
