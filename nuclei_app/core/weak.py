@@ -436,10 +436,16 @@ def log_watershed(
     )
     if len(peaks) == 0:
         return _empty(composite.shape, diameter, "log", "no LoG seeds in the foreground")
-    markers = _upsample_markers(_seed_markers(peaks, work.shape), composite.shape, factor)
     elevation = -response if factor == 1 else -resize(response, composite.shape, order=1, mode="edge")
-    labels = watershed(elevation, markers, mask=prepared.foreground)
-    return _finish(labels, prepared, "log")
+    return _watershed_from_peaks(peaks, work.shape, elevation, prepared, "log")
+
+
+def _watershed_from_peaks(peaks: np.ndarray, work_shape: tuple[int, int], elevation: np.ndarray,
+                          prepared: "_Prepared", method: str) -> WeakLabels:
+    """Seeds at ``peaks`` (found on the ``work_shape`` grid) flooded over ``elevation`` inside
+    the foreground, at full resolution: the common last step of both labelers."""
+    markers = _upsample_markers(_seed_markers(peaks, work_shape), elevation.shape, prepared.factor)
+    return _finish(watershed(elevation, markers, mask=prepared.foreground), prepared, method)
 
 
 def otsu_watershed(
@@ -488,9 +494,7 @@ def otsu_watershed(
     )
     if len(peaks) == 0:
         return _empty(composite.shape, diameter, "otsu", "no distance peaks in the foreground")
-    markers = _upsample_markers(_seed_markers(peaks, work.shape), composite.shape, factor)
-    labels = watershed(-distance, markers, mask=prepared.foreground)
-    return _finish(labels, prepared, "otsu")
+    return _watershed_from_peaks(peaks, work.shape, -distance, prepared, "otsu")
 
 
 def weak_labels(

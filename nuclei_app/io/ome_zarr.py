@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
 import numpy as np
+
 from nuclei_app.atomic import atomic_directory
-from nuclei_app.errors import UsageError
+from nuclei_app.core.stitching import instance_layers
+from nuclei_app.errors import BadDataError, UsageError
+from nuclei_app.io.labels import as_uint32_labels
+from nuclei_app.io.ngff import (FLAT_LABEL_NAME, NGFF_VERSION, ZARR_FORMATS, layer_label_name, ngff_format,
+                                omero_metadata)
+from nuclei_app.io.ome_tiff import downsample_mean2, pyramid_level_count
+
 # ======================================================================================
 # Segmentation stores: the nuclear image plus overlap-preserving label images
 # ======================================================================================
@@ -23,17 +31,6 @@ from nuclei_app.errors import UsageError
 # Labels pyramids are nearest-neighbour; every array is written region by region so memory
 # is bounded by a few chunks, never by the slide.
 
-from typing import TYPE_CHECKING  # noqa: E402  (kept beside the writers that need it)
-from nuclei_app.io.ome_tiff import downsample_mean2, pyramid_level_count
-from nuclei_app.core.stitching import instance_layers
-from nuclei_app.errors import BadDataError
-from nuclei_app.io.ngff import FLAT_LABEL_NAME
-from nuclei_app.io.ngff import NGFF_VERSION
-from nuclei_app.io.ngff import ZARR_FORMATS
-from nuclei_app.io.labels import as_uint32_labels
-from nuclei_app.io.ngff import layer_label_name
-from nuclei_app.io.ngff import ngff_format
-from nuclei_app.io.ngff import omero_metadata
 if TYPE_CHECKING:
     from nuclei_app.core.instances import Instances
 
@@ -50,6 +47,26 @@ def _data_omero(image: np.ndarray, channel_names: Sequence[str]) -> dict:
         ranges.append((low, high))
         windows.append((start, end))
     return omero_metadata(channel_names, ranges, windows)
+
+
+def _checked_cyx(image: np.ndarray, channel_names: Sequence[str], path: Path, yx_shape: tuple[int, ...] | None = None,
+                 error: type[Exception] = UsageError) -> np.ndarray:
+    """``image`` as a (C, Y, X) array after the writers' common checks, else ``error``.
+
+    A (Y, X) image gets a channel axis; no axis may be empty; with ``yx_shape`` its plane must
+    match it (the labels or instances it is stored with); one channel name per channel.
+    """
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.ndim != 3 or min(array.shape) <= 0:
+        raise error(f"image must be (C, Y, X) with no empty axis, got shape {array.shape}", path)
+    if yx_shape is not None and array.shape[1:] != tuple(yx_shape):
+        raise error(f"image shape {array.shape} does not match the labels' {tuple(yx_shape)}; "
+                    "give the (C, H, W) image the labels were made from", path)
+    if len(channel_names) != array.shape[0]:
+        raise error(f"{len(channel_names)} channel names for {array.shape[0]} channels", path)
+    return array
 
 
 def write_ome_zarr_image(
@@ -91,13 +108,7 @@ def write_ome_zarr_image(
     from ome_zarr.writer import write_image
 
     path = Path(path)
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[np.newaxis]
-    if array.ndim != 3 or min(array.shape) <= 0:
-        raise UsageError(f"image must be (C, Y, X) with no empty axis, got shape {array.shape}", path)
-    if len(channel_names) != array.shape[0]:
-        raise UsageError(f"{len(channel_names)} channel names for {array.shape[0]} channels", path)
+    array = _checked_cyx(image, channel_names, path)
     fmt, zarr_format = ngff_format(ngff_version)
     levels = pyramid_level_count(array.shape[1:], chunks[1:]) if n_levels is None else max(1, int(n_levels))
     scale = {"c": 1.0, "y": 1.0, "x": 1.0}
@@ -347,13 +358,7 @@ def write_segmentation_zarr(
     """
 
     path = Path(path)
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[np.newaxis]
-    if array.ndim != 3 or array.shape[1:] != tuple(instances.shape):
-        raise UsageError(f"image shape {array.shape} does not match the instances' {instances.shape}", path)
-    if len(channel_names) != array.shape[0]:
-        raise UsageError(f"{len(channel_names)} channel names for {array.shape[0]} channels", path)
+    array = _checked_cyx(image, channel_names, path, yx_shape=tuple(instances.shape))
     layers = instance_layers(instances)
     n_layers = max(1, int(layers.max()) + 1 if len(layers) else 1)
     with atomic_directory(path) as temporary:
@@ -407,23 +412,11 @@ def write_labels_ome_zarr(
     path = Path(path)
     label_array = as_uint32_labels(labels, path)
     if image is None:
-        image_array = ((label_array > 0) * np.uint8(255))[None]
-        channel_names = ["nuclei_foreground"]
-    else:
-        image_array = np.asarray(image)
-        if image_array.ndim == 2:
-            image_array = image_array[None]
-        if image_array.ndim != 3 or image_array.shape[1:] != label_array.shape:
-            raise BadDataError(
-                f"image shape {image_array.shape} does not match labels {label_array.shape}; "
-                "give the (C, H, W) image the labels were made from",
-                path,
-            )
+        image, channel_names = ((label_array > 0) * np.uint8(255))[None], ["nuclei_foreground"]
     if channel_names is None:
-        channel_names = [f"channel_{index}" for index in range(image_array.shape[0])]
+        channel_names = [f"channel_{index}" for index in range(np.asarray(image).shape[0] if np.ndim(image) == 3 else 1)]
     channel_names = [str(name) for name in channel_names]
-    if len(channel_names) != image_array.shape[0]:
-        raise BadDataError(f"{len(channel_names)} channel names for {image_array.shape[0]} channels", path)
+    image_array = _checked_cyx(image, channel_names, path, yx_shape=label_array.shape, error=BadDataError)
     low = float(np.min(image_array)) if image_array.size else 0.0
     high = float(np.max(image_array)) if image_array.size else 1.0
     with atomic_directory(path) as temporary:
