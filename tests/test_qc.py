@@ -246,6 +246,9 @@ def test_planted_label_failures_fail_with_the_right_reason(small_pair, tmp_path,
     assert expected <= codes(report)
     failed = {r["code"] for r in report["reasons"] if r["severity"] == "fail"}
     assert failed & expected
+    # The seed paper's coverage falls too: stained nuclei lie outside the (deleted or shifted) masks.
+    assert report["slide"]["signal_coverage"] < good["slide"]["signal_coverage"] - 0.1
+    assert report["slide"]["noise_threshold"] == good["slide"]["noise_threshold"]  # the image's, not the labels'
 
 
 def test_noise_slide_fails_for_missing_nuclear_signal(run_cli, small_pair, tmp_path):
@@ -264,6 +267,8 @@ def test_noise_slide_fails_for_missing_nuclear_signal(run_cli, small_pair, tmp_p
     assert report["status"] == "fail"
     assert {"no_nuclear_signal", "no_nuclei"} <= codes(report)
     assert report["slide"]["signal_autocorrelation"] < 0.1
+    # Noise above its own threshold, and no nucleus to hold it: nothing is covered, nothing clumps.
+    assert report["slide"]["signal_coverage"] == 0.0 and report["slide"]["clump_count"] == 0
 
 
 def test_zero_step_model_fails_and_model_rescoring_flags_it(run_cli, small_pair, tmp_path):
@@ -407,5 +412,47 @@ def test_qc_config_schema_matches_the_thresholds_dataclass():
 
 
 def test_slide_metrics_are_written_in_the_schema_order():
+    from nuclei_app.qc.signal_coverage import SEED_PAPER_SLIDE_METRICS
+
     slide = load_schema("qc_report")["properties"]["slide"]
-    assert list(SLIDE_METRICS) == slide["required"] == list(slide["properties"])
+    assert list(SLIDE_METRICS + SEED_PAPER_SLIDE_METRICS) == slide["required"] == list(slide["properties"])
+
+
+# ------------------------------------------------------------------------ pictures of every slide
+
+
+def test_thumbnail_built_tile_by_tile_equals_the_whole_slide_block_averaged():
+    from skimage.transform import downscale_local_mean
+
+    from nuclei_app.qc.thumbnail import ThumbnailCanvas
+
+    image = np.random.default_rng(5).random((100, 130))
+    canvas = ThumbnailCanvas((100, 130), factor=3)
+    for y0, y1 in ((0, 40), (40, 77), (77, 100)):  # tile edges that are not multiples of the factor
+        for x0, x1 in ((0, 64), (64, 130)):
+            canvas.add(image[y0:y1, x0:x1], y0, x0)
+    padded = np.pad(image, ((0, 2), (0, 2)), constant_values=np.nan)
+    expected = np.nanmean(padded.reshape(34, 3, 44, 3), axis=(1, 3))
+    np.testing.assert_allclose(canvas.image(), expected)
+    np.testing.assert_allclose(canvas.image()[:33, :43], downscale_local_mean(image[:99, :129], (3, 3)))
+
+
+def test_every_slide_gets_a_score_thumbnail_and_its_worst_and_median_tile(small_pair, tmp_path):
+    import imagecodecs
+
+    image, masks = small_pair
+    output = tmp_path / "y_desc-nuclei_qc.json"
+    result = write_qc_report(masks, image, output, thresholds=QCThresholds(tile_size_px=128, max_overlays=0))
+    report = read_report(output)
+    pictures = report["pictures"]
+    assert report["flagged_tiles"] == [] and result.overlay_dir == tmp_path / "y_desc-nuclei_qc"
+    thumbnail = imagecodecs.png_decode((tmp_path / pictures["thumbnail"]).read_bytes())
+    assert thumbnail.shape == (360, 360, 3) and pictures["thumbnail_downsample"] == 1
+    scores = sorted((t["qc_score"], t["index"]) for t in report["tiles"])
+    assert pictures["worst_tile"]["tile_index"] == scores[0][1]
+    assert pictures["median_tile"]["tile_index"] == scores[(len(scores) - 1) // 2][1]
+    for entry in (pictures["worst_tile"], pictures["median_tile"]):
+        assert (tmp_path / entry["overlay"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # The worst tile is framed in magenta on the thumbnail.
+    worst = pictures["worst_tile"]
+    assert tuple(thumbnail[worst["y0"], worst["x0"]]) == (230, 0, 230)

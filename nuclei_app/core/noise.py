@@ -55,7 +55,63 @@ def fit_gaussian_mixture_1d(values: np.ndarray, components: int = NOISE_COMPONEN
     return weights[order], means[order], variances[order]
 
 
-def noise_threshold(channel: np.ndarray, seed: int = 0, crops: int = NOISE_CROPS,
+def crop_origins(shape: tuple[int, int], seed: int | np.random.SeedSequence = 0, crops: int = NOISE_CROPS,
+                 side: int = NOISE_CROP_SIDE) -> np.ndarray | None:
+    """Top-left corners of the random crops the noise level is fitted to.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        (Y, X) of the image.
+    seed : int or numpy.random.SeedSequence
+        Seed of the positions (a `nuclei_app.seeding` stream in the QC; same seed, same crops).
+    crops, side : int
+        Number and side of the crops.
+
+    Returns
+    -------
+    ndarray of int64, shape (crops, 2), or None
+        (y, x) per crop; None when the image is not larger than one crop in both directions
+        (the whole image is used then).
+    """
+    height, width = shape
+    if height <= side or width <= side:
+        return None
+    rng = np.random.default_rng(seed)
+    ys = rng.integers(0, height - side, size=crops)
+    xs = rng.integers(0, width - side, size=crops)
+    return np.stack([ys, xs], axis=1).astype(np.int64)
+
+
+def noise_threshold_of_sample(sample: np.ndarray) -> float:
+    """The seed paper's noise threshold of pooled pixel values (see `noise_threshold`).
+
+    Parameters
+    ----------
+    sample : ndarray of real, any shape
+        Pixels of one channel (e.g. the crops of `crop_origins`, concatenated); NaN ignored.
+
+    Returns
+    -------
+    float
+        Midway between the brightest pixel assigned to the 2nd-darkest component and the darkest
+        pixel assigned to the 3rd; when either component gets no pixel, the midpoint of their means;
+        the value itself for a constant sample, 0 for an empty one.
+    """
+    sample = np.asarray(sample, dtype=np.float64).ravel()
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0 or float(sample.max()) == float(sample.min()):
+        return float(sample.max()) if sample.size else 0.0
+    weights, means, variances = fit_gaussian_mixture_1d(sample)
+    log_density = (-0.5 * (sample[:, None] - means) ** 2 / variances - 0.5 * np.log(variances) + np.log(weights))
+    assigned = np.argmax(log_density, axis=1)
+    second, third = sample[assigned == 1], sample[assigned == 2]
+    if second.size and third.size:
+        return float((second.max() + third.min()) / 2)
+    return float((means[1] + means[2]) / 2)
+
+
+def noise_threshold(channel: np.ndarray, seed: int | np.random.SeedSequence = 0, crops: int = NOISE_CROPS,
                     side: int = NOISE_CROP_SIDE) -> float:
     """Intensity below which a nuclear channel is background noise (the seed paper's rule).
 
@@ -63,7 +119,7 @@ def noise_threshold(channel: np.ndarray, seed: int = 0, crops: int = NOISE_CROPS
     ----------
     channel : ndarray, shape (Y, X)
         One nuclear channel, any real dtype (raw or normalised: the threshold is in its units).
-    seed : int
+    seed : int or numpy.random.SeedSequence
         Seed of the crop positions (same seed, same threshold).
     crops, side : int
         Number and side of the random crops whose pixels the mixture is fitted to (the whole
@@ -76,21 +132,7 @@ def noise_threshold(channel: np.ndarray, seed: int = 0, crops: int = NOISE_CROPS
         pixel assigned to the 3rd; when either component gets no pixel, the midpoint of their means.
     """
     image = np.asarray(channel, dtype=np.float64)
-    height, width = image.shape
-    rng = np.random.default_rng(seed)
-    if height <= side or width <= side:
-        sample = image.ravel()
-    else:
-        ys = rng.integers(0, height - side, size=crops)
-        xs = rng.integers(0, width - side, size=crops)
-        sample = np.concatenate([image[y : y + side, x : x + side].ravel() for y, x in zip(ys, xs)])
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0 or float(sample.max()) == float(sample.min()):
-        return float(sample.max()) if sample.size else 0.0
-    weights, means, variances = fit_gaussian_mixture_1d(sample)
-    log_density = (-0.5 * (sample[:, None] - means) ** 2 / variances - 0.5 * np.log(variances) + np.log(weights))
-    assigned = np.argmax(log_density, axis=1)
-    second, third = sample[assigned == 1], sample[assigned == 2]
-    if second.size and third.size:
-        return float((second.max() + third.min()) / 2)
-    return float((means[1] + means[2]) / 2)
+    origins = crop_origins(image.shape, seed, crops, side)
+    if origins is None:
+        return noise_threshold_of_sample(image)
+    return noise_threshold_of_sample(np.concatenate([image[y : y + side, x : x + side].ravel() for y, x in origins]))
