@@ -456,3 +456,47 @@ def test_every_slide_gets_a_score_thumbnail_and_its_worst_and_median_tile(small_
     # The worst tile is framed in magenta on the thumbnail.
     worst = pictures["worst_tile"]
     assert tuple(thumbnail[worst["y0"], worst["x0"]]) == (230, 0, 230)
+
+
+# ------------------------------------------------------------------------ the summary at the end of qc and segment
+
+
+def test_qc_ends_with_a_plain_summary_in_a_pipe_and_a_table_on_a_terminal(run_cli, small_pair, tmp_path, monkeypatch):
+    import sys
+
+    image, masks = small_pair
+    truth = tifffile.imread(masks)
+    half = tmp_path / "half.tif"
+    tifffile.imwrite(half, np.where(np.isin(truth, np.unique(truth)[1::2]), 0, truth))
+    config = tmp_path / "qc.json"
+    config.write_text(json.dumps({"tile_size_px": 128}))
+    result = run_cli("qc", half, image, "-o", tmp_path / "half_qc.json", "--config", config)
+    assert result.exit_code == 0, result.stderr
+    report = read_report(tmp_path / "half_qc.json")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("status: fail (") and lines[0].endswith(str(tmp_path / "half_qc.json"))
+    labels = [line.split(":", 1)[0] for line in lines[1:]]
+    assert labels == ["reasons", "signal coverage", "clumps", "worst tile 1", "worst tile 2", "worst tile 3"]
+    assert f"fail: {report['reasons'][0]['message']}" in lines[1]
+    assert lines[2].startswith(f"signal coverage: {report['slide']['signal_coverage']:.3f} (dilated 1-4 px: ")
+    worst = min(report["tiles"], key=lambda t: (t["qc_score"], t["index"]))
+    assert lines[4].startswith(f"worst tile 1: y {worst['y0']}, x {worst['x0']} ")
+    # On a terminal: the same rows in a rich table.
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    table = run_cli("qc", half, image, "-o", tmp_path / "again.json", "--config", config)
+    assert table.exit_code == 0, table.stderr
+    assert "QC summary" in table.stdout and "│" in table.stdout and "signal coverage" in table.stdout
+    assert table.stdout.rstrip().splitlines()[-1].startswith("status: fail (")
+
+
+def test_segment_ends_with_the_qc_summary(run_cli, small_pair, tmp_path):
+    image, _ = small_pair
+    result = run_cli("segment", image, "--method", "weak", "-o", tmp_path / "s.ome.zarr", "--tile", 256,
+                     "--overlap", 32)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    status_line = next(i for i, line in enumerate(lines) if line.startswith("QC "))
+    assert lines[status_line] == f"QC pass -> {tmp_path / 's_qc.json'}"
+    assert lines[status_line + 1] == "reasons: none"
+    assert lines[status_line + 2].startswith("signal coverage: ")
+    assert lines[status_line + 4].startswith("worst tile 1: y 0, x 0 (360x360 px): QC score ")
