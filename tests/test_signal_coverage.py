@@ -173,3 +173,14 @@ def test_noise_thresholds_of_a_slide_come_from_its_seeded_crops(tmp_path):
     assert thresholds.tolist() == again.tolist()
     assert thresholds[0] == pytest.approx(noise_threshold(image, seed=seed_sequence(7, "qc_noise_crops")))
     assert thresholds[0] == pytest.approx(40.0)
+
+
+def test_mixture_on_distinct_values_with_counts_equals_the_mixture_on_every_pixel():
+    from nuclei_app.core.noise import sample_quantiles
+
+    sample = np.round(np.random.default_rng(2).normal(50, 12, 20000))
+    distinct, counts = np.unique(sample, return_counts=True)
+    q = np.array([0.0, 0.125, 0.375, 0.5, 0.625, 0.875, 1.0])
+    np.testing.assert_allclose(sample_quantiles(distinct, counts, q), np.quantile(sample, q))
+    for full, compact in zip(fit_gaussian_mixture_1d(sample), fit_gaussian_mixture_1d(distinct, counts=counts)):
+        np.testing.assert_allclose(compact, full, rtol=1e-8)
