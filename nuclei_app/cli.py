@@ -26,6 +26,7 @@ from nuclei_app.evaluate import evaluate_paths
 from nuclei_app.io.slides import open_slide
 from nuclei_app.progress import configure_logging
 from nuclei_app.qc.slide import write_qc_report
+from nuclei_app.qc.summary import summary_lines, summary_rows, summary_table
 from nuclei_app.schemas import export_schemas
 from nuclei_app.segment.predictors import WEAK_METHODS, PredictorSpec
 from nuclei_app.workflows import segment_then_qc, weak_label_file
@@ -209,6 +210,24 @@ def weak_command(
     typer.echo(f"{result.count} nuclei, estimated diameter {result.diameter:.1f} px ({method}) -> {output}")
 
 
+def _print_qc_summary(report: dict, first_line: str) -> None:
+    """End a command with the QC summary: a rich table on a terminal, plain ``label: text`` lines otherwise.
+
+    ``first_line`` (the status and where the report went) is printed after the table, or
+    first among the plain lines in place of the summary's own status row.
+    """
+    rows = summary_rows(report)
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        Console().print(summary_table(rows))
+        typer.echo(first_line)
+        return
+    typer.echo(first_line)
+    for line in summary_lines(rows[1:]):
+        typer.echo(line)
+
+
 @app.command("segment")
 def segment_command(
     image: Path = typer.Argument(..., help="The slide: OME-TIFF / TIFF file or OME-Zarr folder."),
@@ -271,7 +290,7 @@ def segment_command(
         f"{result.megapixels_per_second:.2f} MP/s of tissue -> {result.output_path}"
     )
     if done.qc is not None:
-        typer.echo(f"QC {done.qc.status} -> {done.qc.path}")
+        _print_qc_summary(done.qc.report, f"QC {done.qc.status} -> {done.qc.path}")
 
 
 @app.command("qc")
@@ -301,10 +320,10 @@ def qc_command(
     report = result.report
     codes = ", ".join(reason["code"] for reason in report["reasons"])
     slide = report["slide"]
-    typer.echo(
+    _print_qc_summary(report, (
         f"status: {report['status']}{f' ({codes})' if codes else ''}; {slide['n_nuclei']} nuclei, "
         f"{slide['n_tiles_analysed']} tiles analysed, {slide['n_flagged_tiles']} flagged -> {output}"
-    )
+    ))
 
 
 @app.command("run")

@@ -246,6 +246,9 @@ def test_planted_label_failures_fail_with_the_right_reason(small_pair, tmp_path,
     assert expected <= codes(report)
     failed = {r["code"] for r in report["reasons"] if r["severity"] == "fail"}
     assert failed & expected
+    # The seed paper's coverage falls too: stained nuclei lie outside the (deleted or shifted) masks.
+    assert report["slide"]["signal_coverage"] < good["slide"]["signal_coverage"] - 0.1
+    assert report["slide"]["noise_threshold"] == good["slide"]["noise_threshold"]  # the image's, not the labels'
 
 
 def test_noise_slide_fails_for_missing_nuclear_signal(run_cli, small_pair, tmp_path):
@@ -264,6 +267,8 @@ def test_noise_slide_fails_for_missing_nuclear_signal(run_cli, small_pair, tmp_p
     assert report["status"] == "fail"
     assert {"no_nuclear_signal", "no_nuclei"} <= codes(report)
     assert report["slide"]["signal_autocorrelation"] < 0.1
+    # Noise above its own threshold, and no nucleus to hold it: nothing is covered, nothing clumps.
+    assert report["slide"]["signal_coverage"] == 0.0 and report["slide"]["clump_count"] == 0
 
 
 def test_zero_step_model_fails_and_model_rescoring_flags_it(run_cli, small_pair, tmp_path):
@@ -407,5 +412,91 @@ def test_qc_config_schema_matches_the_thresholds_dataclass():
 
 
 def test_slide_metrics_are_written_in_the_schema_order():
+    from nuclei_app.qc.signal_coverage import SEED_PAPER_SLIDE_METRICS
+
     slide = load_schema("qc_report")["properties"]["slide"]
-    assert list(SLIDE_METRICS) == slide["required"] == list(slide["properties"])
+    assert list(SLIDE_METRICS + SEED_PAPER_SLIDE_METRICS) == slide["required"] == list(slide["properties"])
+
+
+# ------------------------------------------------------------------------ pictures of every slide
+
+
+def test_thumbnail_built_tile_by_tile_equals_the_whole_slide_block_averaged():
+    from skimage.transform import downscale_local_mean
+
+    from nuclei_app.qc.thumbnail import ThumbnailCanvas
+
+    image = np.random.default_rng(5).random((100, 130))
+    canvas = ThumbnailCanvas((100, 130), factor=3)
+    for y0, y1 in ((0, 40), (40, 77), (77, 100)):  # tile edges that are not multiples of the factor
+        for x0, x1 in ((0, 64), (64, 130)):
+            canvas.add(image[y0:y1, x0:x1], y0, x0)
+    padded = np.pad(image, ((0, 2), (0, 2)), constant_values=np.nan)
+    expected = np.nanmean(padded.reshape(34, 3, 44, 3), axis=(1, 3))
+    np.testing.assert_allclose(canvas.image(), expected)
+    np.testing.assert_allclose(canvas.image()[:33, :43], downscale_local_mean(image[:99, :129], (3, 3)))
+
+
+def test_every_slide_gets_a_score_thumbnail_and_its_worst_and_median_tile(small_pair, tmp_path):
+    import imagecodecs
+
+    image, masks = small_pair
+    output = tmp_path / "y_desc-nuclei_qc.json"
+    result = write_qc_report(masks, image, output, thresholds=QCThresholds(tile_size_px=128, max_overlays=0))
+    report = read_report(output)
+    pictures = report["pictures"]
+    assert report["flagged_tiles"] == [] and result.overlay_dir == tmp_path / "y_desc-nuclei_qc"
+    thumbnail = imagecodecs.png_decode((tmp_path / pictures["thumbnail"]).read_bytes())
+    assert thumbnail.shape == (360, 360, 3) and pictures["thumbnail_downsample"] == 1
+    scores = sorted((t["qc_score"], t["index"]) for t in report["tiles"])
+    assert pictures["worst_tile"]["tile_index"] == scores[0][1]
+    assert pictures["median_tile"]["tile_index"] == scores[(len(scores) - 1) // 2][1]
+    for entry in (pictures["worst_tile"], pictures["median_tile"]):
+        assert (tmp_path / entry["overlay"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # The worst tile is framed in magenta on the thumbnail.
+    worst = pictures["worst_tile"]
+    assert tuple(thumbnail[worst["y0"], worst["x0"]]) == (230, 0, 230)
+
+
+# ------------------------------------------------------------------------ the summary at the end of qc and segment
+
+
+def test_qc_ends_with_a_plain_summary_in_a_pipe_and_a_table_on_a_terminal(run_cli, small_pair, tmp_path, monkeypatch):
+    import sys
+
+    image, masks = small_pair
+    truth = tifffile.imread(masks)
+    half = tmp_path / "half.tif"
+    tifffile.imwrite(half, np.where(np.isin(truth, np.unique(truth)[1::2]), 0, truth))
+    config = tmp_path / "qc.json"
+    config.write_text(json.dumps({"tile_size_px": 128}))
+    result = run_cli("qc", half, image, "-o", tmp_path / "half_qc.json", "--config", config)
+    assert result.exit_code == 0, result.stderr
+    report = read_report(tmp_path / "half_qc.json")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("status: fail (") and lines[0].endswith(str(tmp_path / "half_qc.json"))
+    labels = [line.split(":", 1)[0] for line in lines[1:]]
+    assert labels == ["reasons", "signal coverage", "clumps", "worst tile 1", "worst tile 2", "worst tile 3"]
+    assert f"fail: {report['reasons'][0]['message']}" in lines[1]
+    assert lines[2].startswith(f"signal coverage: {report['slide']['signal_coverage']:.3f} (dilated 1-4 px: ")
+    worst = min(report["tiles"], key=lambda t: (t["qc_score"], t["index"]))
+    assert lines[4].startswith(f"worst tile 1: y {worst['y0']}, x {worst['x0']} ")
+    # On a terminal: the same rows in a rich table.
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    table = run_cli("qc", half, image, "-o", tmp_path / "again.json", "--config", config)
+    assert table.exit_code == 0, table.stderr
+    assert "QC summary" in table.stdout and "│" in table.stdout and "signal coverage" in table.stdout
+    assert table.stdout.rstrip().splitlines()[-1].startswith("status: fail (")
+
+
+def test_segment_ends_with_the_qc_summary(run_cli, small_pair, tmp_path):
+    image, _ = small_pair
+    result = run_cli("segment", image, "--method", "weak", "-o", tmp_path / "s.ome.zarr", "--tile", 256,
+                     "--overlap", 32)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    status_line = next(i for i, line in enumerate(lines) if line.startswith("QC "))
+    assert lines[status_line] == f"QC pass -> {tmp_path / 's_qc.json'}"
+    assert lines[status_line + 1] == "reasons: none"
+    assert lines[status_line + 2].startswith("signal coverage: ")
+    assert lines[status_line + 4].startswith("worst tile 1: y 0, x 0 (360x360 px): QC score ")

@@ -102,6 +102,14 @@ def test_report_html_is_self_contained_with_outliers_and_overlays(derivatives: P
     assert page.count('<td class="outlier"') >= 2
     for subject in ("01", "02", "03", "04"):
         assert f'id="slide-sub-{subject}_sample-A"' in page
+    # Every slide shows the pictures its QC drew: the score thumbnail, the worst and the median tile.
+    for subject in ("01", "02", "03", "04"):
+        for what in ("thumbnail of", "worst tile of", "median tile of"):
+            assert f'alt="{what} sub-{subject}_sample-A"' in page
+    # A strip plot per key metric; the broken slide is the red (outlier) dot of seed_recall.
+    plot = re.search(r'<svg [^>]*aria-label="seed_recall across slides">(.*?)</svg>', page).group(1)
+    assert plot.count("<circle") == 4
+    assert re.search(r'<circle [^>]*fill="#c00"[^>]*><title>sub-04_sample-A: [0-9.]+ \(outlier\)</title>', plot)
 
 
 def test_group_report_from_a_list_of_reports(derivatives: Path, tmp_path: Path):

@@ -1,4 +1,7 @@
-"""report.html in a real headless browser (Debian's chromium): every overlay image decodes and shows.
+"""report.html in a real headless browser (Debian's chromium): every image decodes and shows.
+
+Every slide shows its score thumbnail, its worst and median tile and its flagged tiles' overlays;
+the screenshot is kept as a test artefact (``test-artifacts/report_html.png``) for a person to look at.
 
 Chromium is installed by `make test` when it runs as root (apt-get install chromium); the
 test fails in CI (CI=true) without it and is skipped elsewhere, with the reason.
@@ -20,6 +23,9 @@ from nuclei_app.qc.slide import write_qc_report
 from nuclei_app.qc.group_report import write_group_report
 
 IMAGES = ("dsb_5488e8df5440", "dsb_9bb6e39d5f44")
+#: Pictures per slide: the score thumbnail, the worst and the median tile, 3 flagged-tile overlays.
+IMAGES_PER_SLIDE = 3 + 3
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 OUTLINE_RGB = (255, 214, 0)  # nucleus outlines in the overlays
 
 
@@ -63,8 +69,11 @@ def report_page(nuclei_gt_dir: Path, tmp_path_factory) -> Path:
 
 
 def test_every_overlay_renders_in_headless_chromium(report_page: Path, tmp_path: Path):
-    n_images = report_page.read_text().count("<img ")
-    assert n_images == 2 * 3
+    page = report_page.read_text()
+    n_images = page.count("<img ")
+    assert n_images == len(IMAGES) * IMAGES_PER_SLIDE
+    assert page.count('alt="thumbnail of ') == page.count('alt="worst tile of ') == len(IMAGES)
+    assert page.count("<svg ") >= 5  # the strip plots of the key metrics
     result = run_chromium(report_page, tmp_path, "--dump-dom")
     assert result.returncode == 0, result.stderr[-2000:]
     attributes = body_attributes(result.stdout)
@@ -80,8 +89,9 @@ def test_a_broken_image_is_caught_by_the_same_check(report_page: Path, tmp_path:
     damaged.write_text(page.replace(first.group(0), "data:image/png;base64," + "A" * 40, 1))
     result = run_chromium(damaged, tmp_path, "--dump-dom")
     attributes = body_attributes(result.stdout)
-    assert attributes["data-images-total"] == "6"
-    assert attributes["data-images-rendered"] == "5"
+    n_images = len(IMAGES) * IMAGES_PER_SLIDE
+    assert attributes["data-images-total"] == str(n_images)
+    assert attributes["data-images-rendered"] == str(n_images - 1)
 
 
 def test_screenshot_shows_the_overlays(report_page: Path, tmp_path: Path):
@@ -96,3 +106,8 @@ def test_screenshot_shows_the_overlays(report_page: Path, tmp_path: Path):
     # The overlays' yellow outlines reached the screen (text and tables are never that colour).
     outline = np.all(np.abs(pixels - np.array(OUTLINE_RGB)) <= 12, axis=-1)
     assert outline.sum() > 200
+    # The thumbnails' worst-tile frames (magenta) reached the screen too.
+    frame = np.all(np.abs(pixels - np.array((230, 0, 230))) <= 12, axis=-1)
+    assert frame.sum() > 100
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "report_html.png").write_bytes(shot.read_bytes())

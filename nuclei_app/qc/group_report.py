@@ -7,8 +7,11 @@ into the output folder:
   without ``_desc-nuclei_qc.json``), then status, reasons, outlier flags and the metrics;
 - ``group_qc.json``: the same plus robust z-scores and the outlier rule (schema ``group_qc``);
 - ``report.html``: a self-contained page (no external resource: styles, script and images
-  are inline, PNG overlays as ``data:`` URIs) with the per-slide metrics, outlier slides
-  highlighted, and the overlays of every slide's flagged tiles.
+  are inline, PNGs as ``data:`` URIs, plots as inline SVG) with a strip plot per key metric
+  across slides (outliers marked), the per-slide metrics with outlier slides highlighted,
+  and for every slide the pictures its QC drew (a thumbnail tinted by per-tile QC score, the
+  outlines on its worst and median tile) and the overlays of its flagged tiles. The group
+  report only embeds pictures; it never reads a slide.
 
 Outlier slides: for each group metric, the robust z-score across slides
 ``z = (x - median) / spread`` with ``spread = 1.4826 MAD`` (or ``1.2533`` times the mean
@@ -72,6 +75,15 @@ GROUP_METRICS: tuple[str, ...] = (
     "median_area_px",
     "qc_score_mean",
     "flagged_tile_share",
+    "signal_coverage",
+    "clump_share",
+)
+
+
+#: Group metrics drawn as a strip plot across slides at the top of report.html.
+PLOT_METRICS: tuple[str, ...] = (
+    "signal_coverage", "foreground_coverage", "seed_recall", "teacher_student_f1", "qc_score_mean",
+    "flagged_tile_share", "clump_share", "n_nuclei",
 )
 
 
@@ -254,6 +266,11 @@ td:first-child{white-space:nowrap}
 .tiles{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0;max-width:280px}
 figure img{width:256px;height:auto;image-rendering:pixelated;border:1px solid #999;display:block}
 figcaption{font-size:.8rem}dl{font-size:.85rem}dt{font-weight:bold;margin-top:.4rem}.note{color:#555;font-size:.85rem}
+figure.thumb{max-width:380px}figure.thumb img{width:360px}
+.plots{display:flex;flex-wrap:wrap;gap:.5rem 1.5rem}.plots figure{max-width:none}.plots svg{display:block}
+.scale{display:inline-block;width:160px;height:.8rem;vertical-align:middle;border:1px solid #999;
+background:linear-gradient(to right,rgb(215,48,39) 0%,rgb(215,48,39) var(--red),rgb(254,224,100) var(--yellow),rgb(26,152,80) 100%)}
+.frame-worst{color:rgb(230,0,230);font-weight:bold}.frame-median{color:rgb(0,160,210);font-weight:bold}
 """
 
 
@@ -320,8 +337,45 @@ def _figure_html(report_path: Path, entry: dict[str, Any], name: str) -> str | N
     )
 
 
+def _tile_picture_html(report_path: Path, entry: dict[str, Any] | None, what: str, name: str) -> str | None:
+    """The worst or median tile's overlay (``pictures``) as an inline ``<figure>``; None when missing."""
+    if not entry:
+        return None
+    uri = _overlay_data_uri(report_path, entry.get("overlay"))
+    if uri is None:
+        return None
+    css = "frame-worst" if what == "worst" else "frame-median"
+    reasons = ", ".join(entry["reasons"])
+    return (
+        f'<figure><img src="{uri}" alt="{what} tile of {html.escape(name)}"><figcaption><span class="{css}">'
+        f"{what.capitalize()} tile</span>: y {entry['y0']}, x {entry['x0']} px, {entry['height']}&times;"
+        f"{entry['width']} px, QC score {_format(entry['qc_score'])}{': ' + html.escape(reasons) if reasons else ''}"
+        "</figcaption></figure>"
+    )
+
+
+def _slide_pictures_html(report_path: Path, report: dict[str, Any], name: str) -> list[str]:
+    """HTML lines of a slide's pictures: the score thumbnail, the worst and the median tile."""
+    pictures = report.get("pictures") or {}
+    figures = []
+    thumbnail = _overlay_data_uri(report_path, pictures.get("thumbnail"))
+    if thumbnail is not None:
+        slide = report["slide"]
+        figures.append(
+            f'<figure class="thumb"><img src="{thumbnail}" alt="thumbnail of {html.escape(name)}"><figcaption>'
+            f"Whole slide (1:{pictures['thumbnail_downsample']}), tiles tinted by QC score; "
+            f"signal coverage {_format(slide.get('signal_coverage'))}, {slide.get('clump_count', MISSING)} clump(s)."
+            "</figcaption></figure>"
+        )
+    for what in ("worst", "median"):
+        figure = _tile_picture_html(report_path, pictures.get(f"{what}_tile"), what, name)
+        if figure is not None:
+            figures.append(figure)
+    return [f'<div class="tiles">{"".join(figures)}</div>'] if figures else []
+
+
 def _slide_section_html(report_path: Path, report: dict[str, Any], name: str) -> list[str]:
-    """HTML lines of one slide's section: status, reasons and the overlays of its flagged tiles."""
+    """HTML lines of one slide's section: status, reasons, its pictures and the overlays of its flagged tiles."""
     escape = html.escape
     out = [f'<section id="slide-{escape(name)}"><h3>{escape(name)} &mdash; '
            f'<span class="status-{report["status"]}">{report["status"]}</span></h3>']
@@ -329,18 +383,92 @@ def _slide_section_html(report_path: Path, report: dict[str, Any], name: str) ->
         out.append("<ul>" + "".join(
             f"<li><code>{escape(r['code'])}</code> ({r['severity']}): {escape(r['message'])}</li>"
             for r in report["reasons"]) + "</ul>")
+    out.extend(_slide_pictures_html(report_path, report, name))
     flagged = report["flagged_tiles"]
     if not flagged:
         out.append('<p class="note">No flagged tile.</p></section>')
         return out
     figures = [figure for figure in (_figure_html(report_path, entry, name) for entry in flagged) if figure]
     without = len(flagged) - len(figures)
+    out.append(f"<h4>Flagged tiles ({len(flagged)})</h4>")
     out.append(f'<div class="tiles">{"".join(figures)}</div>')
     if without:
         out.append(f'<p class="note">{without} more flagged tile(s) without an overlay (beyond max_overlays); '
                    "coordinates in the slide's QC report.</p>")
     out.append("</section>")
     return out
+
+
+def strip_plot_svg(metric: str, slides: list[dict[str, Any]], better: str) -> str | None:
+    """An inline SVG strip plot of one metric across slides: a dot per slide, outliers red, the median a line.
+
+    Parameters
+    ----------
+    metric : str
+        A group metric.
+    slides : list of dict
+        Entries of the group summary (``metrics``, ``outlier_metrics``, ``bids_name``).
+    better : {"higher", "lower", "none"}
+        Written under the plot.
+
+    Returns
+    -------
+    str or None
+        The ``<svg>`` element; None when no slide has a value.
+    """
+    points = [(s["bids_name"], float(s["metrics"][metric]), metric in s["outlier_metrics"])
+              for s in slides if s["metrics"].get(metric) is not None]
+    if not points:
+        return None
+    width, height, margin = 300, 52, 12
+    values = np.asarray([value for _, value, _ in points])
+    low, high = float(values.min()), float(values.max())
+    span = high - low or 1.0
+
+    def x_of(value: float) -> float:
+        return margin + (value - low) / span * (width - 2 * margin) if high > low else width / 2
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+           f'aria-label="{html.escape(metric)} across slides">',
+           f'<line x1="{margin}" y1="24" x2="{width - margin}" y2="24" stroke="#bbb"/>',
+           f'<line x1="{x_of(float(np.median(values))):.1f}" y1="8" x2="{x_of(float(np.median(values))):.1f}" '
+           'y2="40" stroke="#555" stroke-dasharray="3,2"><title>median</title></line>']
+    for index, (name, value, outlier) in enumerate(points):
+        y = 24 + ((index * 7) % 5 - 2) * 3  # a little deterministic jitter, so equal values stay visible
+        style = 'r="5" fill="#c00" stroke="#000"' if outlier else 'r="3.5" fill="#3a6ea5" fill-opacity=".8"'
+        out.append(f'<a href="#slide-{html.escape(name)}"><circle cx="{x_of(value):.1f}" cy="{y}" {style}>'
+                   f"<title>{html.escape(name)}: {_format(value)}{' (outlier)' if outlier else ''}</title>"
+                   "</circle></a>")
+    out.append(f'<text x="{margin}" y="50" font-size="10" fill="#333">{_format(low)}</text>')
+    out.append(f'<text x="{width - margin}" y="50" font-size="10" fill="#333" text-anchor="end">{_format(high)}</text>')
+    out.append(f'<text x="{width / 2:.0f}" y="50" font-size="10" fill="#777" text-anchor="middle">'
+               f"{'higher is better' if better == 'higher' else 'lower is better' if better == 'lower' else ''}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _plots_html(summary: dict[str, Any]) -> list[str]:
+    """HTML lines of the strip plots of `PLOT_METRICS` across slides."""
+    directions = summary["outlier_rule"]["directions"]
+    figures = []
+    for metric in PLOT_METRICS:
+        svg = strip_plot_svg(metric, summary["slides"], directions.get(metric, "none"))
+        if svg is not None:
+            figures.append(f'<figure class="plot">{svg}<figcaption><b>{html.escape(metric)}</b></figcaption></figure>')
+    return ['<div class="plots">' + "".join(figures) + "</div>"]
+
+
+def _score_legend_html(reports: list[tuple[Path, dict[str, Any]]]) -> str:
+    """One line explaining the thumbnails' colours (the scale of the first report that has pictures)."""
+    scale = next((r["pictures"]["score_scale"] for _, r in reports if r.get("pictures")), None)
+    if scale is None:
+        return ""
+    red, yellow = 100 * scale["red_at"], 100 * scale["yellow_at"]
+    return (f'<p class="note">Thumbnails: the nuclear channel(s) in grey, each analysed tile tinted by its QC score '
+            f'<span class="scale" style="--red:{red:.0f}%;--yellow:{yellow:.0f}%"></span> (0 to 1: red up to '
+            f"{scale['red_at']:g}, yellow at the flag threshold {scale['yellow_at']:g}, green at 1; empty tiles "
+            'untinted); the <span class="frame-worst">worst</span> and the <span class="frame-median">median</span> '
+            "tile are framed and shown beside it with the nucleus outlines in yellow.</p>")
 
 
 def render_html(summary: dict[str, Any], reports: list[tuple[Path, dict[str, Any]]]) -> str:
@@ -379,10 +507,15 @@ def render_html(summary: dict[str, Any], reports: list[tuple[Path, dict[str, Any
         f"<p class=\"note\">Outlier cells (red): robust z-score across slides beyond {OUTLIER_Z} in the metric's "
         f"worse direction (z = (x - median) / (1.4826 MAD)); computed with at least {MIN_SLIDES_FOR_OUTLIERS} "
         "slides. Hover a column header for the metric's definition.</p>",
+        "<h2>Key metrics across slides</h2>",
+        '<p class="note">One dot per slide (hover for its name and value, click to jump to it); red: an outlier '
+        "slide for that metric; dashed: the median.</p>",
+        *_plots_html(summary),
         "<h2>Slides</h2>",
         *_slides_table_html(summary, descriptions),
-        "<h2>Flagged tiles</h2>",
-        '<p class="note">Each image: the nuclear channel(s) of the tile in grey with the nucleus outlines of '
+        "<h2>Every slide</h2>",
+        _score_legend_html(reports),
+        '<p class="note">Flagged tiles: the nuclear channel(s) of the tile in grey with the nucleus outlines of '
         "the segmentation in yellow, worst tile (lowest QC score) first.</p>",
     ]
     for (report_path, report), slide in zip(reports, summary["slides"]):

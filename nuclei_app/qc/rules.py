@@ -126,7 +126,7 @@ def load_qc_config(path: str | Path | None) -> QCThresholds:
 
 
 def clean_tile_record(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready copy of a tile record: numbers rounded, NaN -> None, lists and strings kept.
+    """JSON-ready copy of a tile record: numbers rounded, NaN -> None, lists, strings and objects kept.
 
     Parameters
     ----------
@@ -138,7 +138,7 @@ def clean_tile_record(record: dict[str, Any]) -> dict[str, Any]:
     dict
         Same keys, in the same order.
     """
-    return {key: (value if isinstance(value, (list, str)) else format_number(value)) for key, value in record.items()}
+    return {key: (value if isinstance(value, (list, str, dict)) else format_number(value)) for key, value in record.items()}
 
 
 def tile_reasons(record: dict[str, Any], thresholds: QCThresholds) -> list[str]:

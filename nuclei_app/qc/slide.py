@@ -51,6 +51,7 @@ from nuclei_app.core.channels import select_nuclear_channels
 from nuclei_app.core.intensity import nuclear_composite, normalise_intensities, otsu_threshold, signal_autocorrelation
 from nuclei_app.core.metrics import iou_matrix
 from nuclei_app.core.morphology import object_properties
+from nuclei_app.core.noise import NOISE_CROP_SIDE, NOISE_CROPS, NOISE_COMPONENTS, crop_origins, noise_threshold_of_sample
 from nuclei_app.core.tiling import make_tile_grid, qc_tile_edges
 from nuclei_app.core.weak import estimate_nucleus_diameter, weak_labels
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError
@@ -67,7 +68,13 @@ from nuclei_app.qc.metrics import (
 )
 from nuclei_app.qc.overlays import overlay_dir_for, overlay_png
 from nuclei_app.qc.rules import clean_tile_record, load_qc_config, qc_status, tile_reasons
+from nuclei_app.qc.signal_coverage import (
+    CLUMP_EROSION_RADIUS, COVERAGE_DILATIONS, SignalCoverageTotals, above_noise_signal, clump_links, seed_paper_slide_metrics,
+    seed_paper_tile_clumps, signal_coverage_fields, signal_coverage_sums,
+)
+from nuclei_app.qc.thumbnail import RED_BELOW_FLAG, SCORE_ALPHA, ThumbnailCanvas, score_thumbnail_png
 from nuclei_app.schemas import schema_errors
+from nuclei_app.seeding import seed_sequence
 from nuclei_app.segment.pipeline import resolve_channels
 from nuclei_app.segment.record import read_run_record
 
@@ -424,10 +431,48 @@ class SlideReference:
     seams: dict[str, list[int]] | None
     seam_source: str | None
     seam_stride: int | None
+    noise_thresholds: np.ndarray | None = None
+
+
+#: Random stream (`nuclei_app.seeding`) of the crops the noise thresholds are fitted to.
+NOISE_STREAM = "qc_noise_crops"
+
+
+def slide_noise_thresholds(slide: Any, channels: list[int], seed: int) -> np.ndarray:
+    """The seed paper's noise threshold of each nuclear channel, from random crops of the slide.
+
+    The crops (`crop_origins`: 20 of 64 x 64 px, positions drawn from the ``qc_noise_crops``
+    stream of ``seed``) are read lazily, so memory stays at a few crops whatever the slide size;
+    each channel's threshold is `noise_threshold_of_sample` of its pooled crop pixels, in raw
+    intensity units. The same crops serve every channel, so a channel's threshold equals
+    ``noise_threshold(channel, seed_sequence(seed, "qc_noise_crops"))`` of the whole channel.
+
+    Parameters
+    ----------
+    slide : nuclei_app.io.slides.Slide
+    channels : list of int
+        Nuclear channels.
+    seed : int
+
+    Returns
+    -------
+    ndarray of float64, shape (C,)
+    """
+    _, height, width = slide.shape
+    origins = crop_origins((height, width), seed_sequence(seed, NOISE_STREAM))
+    if origins is None:  # no larger than one crop in some direction: the whole slide, as the toolkit does
+        pixels = slide.read_region(0, 0, height, width, channels=channels).reshape(len(channels), -1)
+    else:
+        side = NOISE_CROP_SIDE
+        pixels = np.concatenate([
+            slide.read_region(int(y), int(x), side, side, channels=channels).reshape(len(channels), -1)
+            for y, x in origins
+        ], axis=1)
+    return np.asarray([noise_threshold_of_sample(row) for row in pixels], dtype=np.float64)
 
 
 def slide_reference(
-    slide: Any, channels: list[int], thresholds: QCThresholds, run_record: dict | None
+    slide: Any, channels: list[int], thresholds: QCThresholds, run_record: dict | None, seed: int = 0
 ) -> SlideReference:
     """Normalisation, foreground thresholds, nucleus size and seam lines of a slide.
 
@@ -439,6 +484,8 @@ def slide_reference(
     thresholds : QCThresholds
     run_record : dict or None
         The segmentation's completion record (seam lines).
+    seed : int
+        Seed of the noise-threshold crops (`slide_noise_thresholds`).
 
     Returns
     -------
@@ -468,6 +515,7 @@ def slide_reference(
         seams=seams,
         seam_source=seam_source,
         seam_stride=seam_stride,
+        noise_thresholds=slide_noise_thresholds(slide, channels, seed),
     )
 
 
@@ -904,9 +952,65 @@ def analyse_tile(
     return TileAnalysis(record, objects, counts)
 
 
+def measure_tile_signal(tile: TileView, reference: SlideReference, totals: SignalCoverageTotals) -> dict[str, Any]:
+    """The seed paper's signal coverage of one tile, with its sums and clump links added to ``totals``.
+
+    Measured on every tile, empty ones included, so that the slide's coverage is the whole
+    slide's (the above-noise signal of an empty tile counts, uncovered). The masks are dilated
+    on the window (the halo is wider than the largest dilation plus the clump erosion), the sums
+    taken over the core, so the tiles add up to the slide exactly.
+
+    Parameters
+    ----------
+    tile : TileView
+    reference : SlideReference
+        ``noise_thresholds`` (raw units, per nuclear channel) and the slide's shape.
+    totals : SignalCoverageTotals
+        Receives the tile's sums (`signal_coverage_sums`) and clump links (`clump_links`).
+
+    Returns
+    -------
+    dict
+        ``signal_coverage`` and ``signal_coverage_by_dilation`` of the tile (`signal_coverage_fields`).
+    """
+    signal = above_noise_signal(tile.raw, reference.noise_thresholds)
+    covered, total = signal_coverage_sums(signal, tile.flat, tile.core, totals.dilations)
+    totals.add_coverage(covered, total)
+    if tile.flat[tile.core].any():  # clumps start only on nucleus pixels of the core
+        totals.add_clump_links(*clump_links(tile.flat, tile.core, tile.window[:2], reference.shape[1]))
+    return signal_coverage_fields(covered, total, totals.dilations)
+
+
+@dataclass
+class SlideAccumulators:
+    """What the QC gathers from every tile besides the tile's record (memory: O(nuclei) + the thumbnail).
+
+    Attributes
+    ----------
+    signal : SignalCoverageTotals
+        The seed paper's coverage sums and clump links.
+    thumbnail : ThumbnailCanvas
+        The slide's nuclear composite, block-averaged.
+    """
+
+    signal: SignalCoverageTotals
+    thumbnail: ThumbnailCanvas
+
+    @classmethod
+    def for_slide(cls, reference: SlideReference) -> "SlideAccumulators":
+        """Empty accumulators for the slide of ``reference``."""
+        return cls(SignalCoverageTotals(), ThumbnailCanvas.for_slide(reference.shape))
+
+    def add_tile(self, tile: TileView, reference: SlideReference) -> dict[str, Any]:
+        """Add one tile (empty or not) to the thumbnail and the seed paper's sums; its coverage fields."""
+        core_raw = tile.raw[(slice(None), *tile.core)]
+        self.thumbnail.add(nuclear_composite(core_raw, reference.percentiles), tile.box[0], tile.box[1])
+        return measure_tile_signal(tile, reference, self.signal)
+
+
 def analyse_tiles(
     slide: Any, inputs: QCInputs, reference: SlideReference, predictor: Any,
-    boxes: list[tuple[int, int, int, int]], watch: Stopwatch,
+    boxes: list[tuple[int, int, int, int]], watch: Stopwatch, accumulators: SlideAccumulators | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, float]]:
     """Read and analyse every QC tile (memory: one tile with its halo at a time).
 
@@ -919,6 +1023,9 @@ def analyse_tiles(
     boxes : list of (int, int, int, int)
         The QC tile grid (`qc_tile_boxes`).
     watch : Stopwatch
+    accumulators : SlideAccumulators, optional
+        Receives every tile (the thumbnail, the seed paper's sums: `measure_tile_signal`); the
+        coverage fields join the analysed tiles' records.
 
     Returns
     -------
@@ -937,9 +1044,14 @@ def analyse_tiles(
         for index, box in enumerate(boxes):
             with watch.stage("read"):
                 tile = read_tile(slide, inputs.source, index, box, reference)
+            if accumulators is not None:
+                with watch.stage("metrics"):
+                    signal_fields = accumulators.add_tile(tile, reference)
             analysis = analyse_tile(tile, reference, inputs.lookup, predictor, watch)
             if analysis is None:
                 continue
+            if accumulators is not None:
+                analysis.record.update(signal_fields)
             analysis.objects["tile"] = np.full(len(analysis.objects["area"]), len(tiles))
             for name in OBJECT_COLUMNS:
                 columns[name].append(np.asarray(analysis.objects[name]))
@@ -983,7 +1095,7 @@ def finish_tile_records(
 def slide_metrics(
     n_tiles: int, tiles: list[dict[str, Any]], objects: dict[str, np.ndarray], pooled: dict[str, float],
     outlier_flags: dict[str, np.ndarray] | None, interior: np.ndarray, reference: SlideReference,
-    n_layers: int | None,
+    n_layers: int | None, totals: SignalCoverageTotals | None = None,
 ) -> dict[str, Any]:
     """The report's ``slide`` object: every metric of `SLIDE_METRICS`, JSON-ready.
 
@@ -1002,6 +1114,8 @@ def slide_metrics(
     reference : SlideReference
     n_layers : int or None
         Overlap layers of the segmentation (None without).
+    totals : SignalCoverageTotals, optional
+        The seed paper's sums over the tiles: adds `seed_paper_slide_metrics` after `SLIDE_METRICS`.
 
     Returns
     -------
@@ -1023,7 +1137,10 @@ def slide_metrics(
         **object_metrics(objects, outlier_flags, interior, reference.seams is not None, pixel_size),
         **tile_score_metrics(tiles),
     }
-    return {key: format_number(values[key]) for key in SLIDE_METRICS}
+    metrics = {key: format_number(values[key]) for key in SLIDE_METRICS}
+    if totals is not None:
+        metrics.update(seed_paper_slide_metrics(totals, n_nuclei, reference.noise_thresholds))
+    return metrics
 
 
 # ------------------------------------------------------------------------- flagged tiles
@@ -1123,6 +1240,105 @@ def flagged_tile_entries(
     return entries
 
 
+# ------------------------------------------------------------------------- pictures of every slide
+
+
+#: File name of a slide's thumbnail (QC scores as colours) in the report's overlay folder.
+THUMBNAIL_NAME = "thumbnail.png"
+
+
+def worst_and_median_tiles(tiles: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The tile record of lowest QC score and the one of median score (the lower middle; ties: grid order).
+
+    Parameters
+    ----------
+    tiles : list of dict
+        Finished tile records.
+
+    Returns
+    -------
+    worst, median : dict or None
+        None when no tile has a QC score.
+    """
+    scored = sorted((t for t in tiles if t["qc_score"] is not None), key=lambda t: (t["qc_score"], t["index"]))
+    if not scored:
+        return None, None
+    return scored[0], scored[(len(scored) - 1) // 2]
+
+
+def tile_box(record: dict[str, Any] | None) -> tuple[int, int, int, int] | None:
+    """(y0, x0, height, width) of a tile record; None for None."""
+    return None if record is None else (record["y0"], record["x0"], record["height"], record["width"])
+
+
+def picture_entry(record: dict[str, Any] | None, overlays: dict[str, bytes], overlay_prefix: str,
+                  thresholds: QCThresholds) -> dict | None:
+    """The report's ``pictures.worst_tile`` / ``median_tile``: where the tile is, its score, reasons, overlay.
+
+    The reasons are the tile's metrics worse than their warn thresholds (`tile_reasons`), flagged or not.
+    """
+    if record is None:
+        return None
+    name = overlay_name(record)
+    return {
+        "tile_index": record["index"], "y0": record["y0"], "x0": record["x0"],
+        "height": record["height"], "width": record["width"], "qc_score": format_number(record["qc_score"]),
+        "reasons": record["flag_reasons"] if record["flagged"] else tile_reasons(record, thresholds),
+        "overlay": f"{overlay_prefix}/{name}" if name in overlays else None,
+    }
+
+
+def draw_pictures(
+    inputs: QCInputs, tiles: list[dict[str, Any]], reference: SlideReference, thresholds: QCThresholds,
+    thumbnail: ThumbnailCanvas, overlay_prefix: str,
+) -> tuple[list[dict[str, Any]], dict[str, bytes], dict[str, Any]]:
+    """Every picture of a slide's report: flagged tiles, worst and median tile, the score thumbnail.
+
+    Parameters
+    ----------
+    inputs : QCInputs
+    tiles : list of dict
+        Finished tile records.
+    reference : SlideReference
+    thresholds : QCThresholds
+        ``max_flagged_tiles``, ``max_overlays`` and ``flag_tile_score_below`` (the colour scale).
+    thumbnail : ThumbnailCanvas
+        The slide's composite, accumulated over the tiles.
+    overlay_prefix : str
+        Folder of the PNGs relative to the report.
+
+    Returns
+    -------
+    flagged_entries : list of dict
+        The report's ``flagged_tiles`` (`flagged_tile_entries`).
+    overlays : dict of str to bytes
+        PNG files by name.
+    pictures : dict
+        The report's ``pictures``.
+    """
+    flagged = rank_flagged_tiles(tiles, thresholds.max_flagged_tiles)
+    overlays = draw_overlays(inputs.image_path, inputs.source, flagged[: thresholds.max_overlays], reference)
+    flagged_entries = flagged_tile_entries(flagged, overlays, overlay_prefix)
+    worst, median = worst_and_median_tiles(tiles)
+    unseen = {overlay_name(t): t for t in (worst, median) if t is not None and overlay_name(t) not in overlays}
+    overlays.update(draw_overlays(inputs.image_path, inputs.source, list(unseen.values()), reference))
+    overlays[THUMBNAIL_NAME] = score_thumbnail_png(
+        thumbnail.image(), thumbnail.factor, [(*tile_box(t), t["qc_score"]) for t in tiles],
+        thresholds.flag_tile_score_below, worst=tile_box(worst), median=tile_box(median),
+    )
+    flag = thresholds.flag_tile_score_below
+    pictures = {
+        "thumbnail": f"{overlay_prefix}/{THUMBNAIL_NAME}",
+        "thumbnail_downsample": thumbnail.factor,
+        "thumbnail_shape_yx": list(thumbnail.sums.shape),
+        "score_scale": {"red_at": format_number(flag - RED_BELOW_FLAG), "yellow_at": flag, "green_at": 1.0,
+                        "alpha": SCORE_ALPHA},
+        "worst_tile": picture_entry(worst, overlays, overlay_prefix, thresholds),
+        "median_tile": picture_entry(median, overlays, overlay_prefix, thresholds),
+    }
+    return flagged_entries, overlays, pictures
+
+
 # ------------------------------------------------------------------------- provenance
 
 
@@ -1202,6 +1418,15 @@ def qc_parameters(
     }
 
 
+def seed_paper_parameters(seed: int) -> dict[str, Any]:
+    """The report's ``provenance.parameters.seed_paper``: how the noise thresholds and clumps were measured."""
+    return {"seed_paper": {
+        "noise_crops": NOISE_CROPS, "noise_crop_side_px": NOISE_CROP_SIDE, "noise_components": NOISE_COMPONENTS,
+        "seed": int(seed), "random_stream": NOISE_STREAM, "coverage_dilations_px": list(COVERAGE_DILATIONS),
+        "clump_erosion_radius_px": CLUMP_EROSION_RADIUS, "intensities": "raw",
+    }}
+
+
 def qc_provenance(
     inputs: QCInputs, model: dict[str, Any] | None, run_record: dict | None, parameters: dict[str, Any]
 ) -> dict[str, Any]:
@@ -1244,6 +1469,16 @@ def qc_provenance(
     }
 
 
+def image_geometry(reference: SlideReference, thresholds: QCThresholds) -> dict[str, Any]:
+    """The report's ``image``: shape (Y, X), pixel size (µm, or None) and the QC tile size."""
+    pixel_size = reference.pixel_size
+    return {
+        "shape_yx": list(reference.shape),
+        "pixel_size_um": None if pixel_size is None else [float(pixel_size[0]), float(pixel_size[1])],
+        "tile_size_px": thresholds.tile_size_px,
+    }
+
+
 def compute_qc(
     labels_path: str | Path,
     image_path: str | Path,
@@ -1255,6 +1490,7 @@ def compute_qc(
     overlay_prefix: str = "overlays",
     device: str = "cpu",
     score_threshold: float | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """QC of a segmentation of one slide, without ground truth.
 
@@ -1279,13 +1515,16 @@ def compute_qc(
         The model's score cut-off the labels were made with (default: its card's).
     device : str
         Device for the model (``cpu``, ``cuda``, ``auto``).
+    seed : int
+        Seed of the random crops of the noise thresholds (same seed, same report).
 
     Returns
     -------
     report : dict
         Valid against the ``qc_report`` schema (not yet validated here).
     overlays : dict of str to bytes
-        PNG files by file name, for the flagged tiles drawn.
+        PNG files by file name: the flagged tiles drawn, the worst and the median tile, and the
+        slide's thumbnail (`THUMBNAIL_NAME`).
 
     Raises
     ------
@@ -1300,44 +1539,41 @@ def compute_qc(
         predictor, channels = _open_model_and_channels(
             slide, inputs, model_dir, device, score_threshold, nuclear_channels
         )
-        reference = slide_reference(slide, channels, thresholds, inputs.run_record)
+        reference = slide_reference(slide, channels, thresholds, inputs.run_record, seed)
         watch.seconds["prepare"] = time.monotonic() - watch.started
         boxes = qc_tile_boxes(reference.shape, thresholds.tile_size_px)
-        tiles, objects, pooled = analyse_tiles(slide, inputs, reference, predictor, boxes, watch)
+        accumulators = SlideAccumulators.for_slide(reference)
+        tiles, objects, pooled = analyse_tiles(slide, inputs, reference, predictor, boxes, watch, accumulators)
 
     with watch.stage("metrics"):
         outlier_flags, morphology_reference, interior = judge_morphology(
             objects, thresholds.morphology_k, thresholds.min_nuclei_for_statistics
         )
         finish_tile_records(tiles, objects, outlier_flags, interior, reference.seams is not None, thresholds)
+        seed_paper_tile_clumps(tiles, accumulators.signal, reference.shape[1])
         metrics = slide_metrics(len(boxes), tiles, objects, pooled, outlier_flags, interior, reference,
-                                len(inputs.source.layers) or None)
+                                len(inputs.source.layers) or None, accumulators.signal)
         status, reasons = qc_status(metrics, thresholds)
 
     with watch.stage("overlay"):
-        flagged = rank_flagged_tiles(tiles, thresholds.max_flagged_tiles)
-        overlays = draw_overlays(inputs.image_path, inputs.source, flagged[: thresholds.max_overlays], reference)
-        flagged_entries = flagged_tile_entries(flagged, overlays, overlay_prefix)
+        flagged_entries, overlays, pictures = draw_pictures(
+            inputs, tiles, reference, thresholds, accumulators.thumbnail, overlay_prefix)
 
     with watch.stage("provenance"):
         scores_from = "model" if predictor is not None else ("table" if inputs.lookup is not None else None)
         provenance = qc_provenance(
             inputs, model_provenance(predictor, model_dir, inputs.run_record), inputs.run_record,
-            qc_parameters(reference, thresholds, scores_from, morphology_reference),
+            qc_parameters(reference, thresholds, scores_from, morphology_reference) | seed_paper_parameters(seed),
         )
-    pixel_size = reference.pixel_size
     report = {
         "schema_version": SCHEMA_VERSION,
         "status": status,
         "reasons": reasons,
-        "image": {
-            "shape_yx": list(reference.shape),
-            "pixel_size_um": None if pixel_size is None else [float(pixel_size[0]), float(pixel_size[1])],
-            "tile_size_px": thresholds.tile_size_px,
-        },
+        "image": image_geometry(reference, thresholds),
         "slide": metrics,
         "tiles": [clean_tile_record(t) for t in tiles],
         "flagged_tiles": [clean_tile_record(entry) for entry in flagged_entries],
+        "pictures": pictures,
         "provenance": provenance,
         "timings": watch.timings(),
     }
@@ -1405,6 +1641,7 @@ def write_qc_report(
     nuclear_channels: str | Sequence[str] | None = None,
     device: str = "cpu",
     score_threshold: float | None = None,
+    seed: int = 0,
 ) -> QCResult:
     """Compute the QC of a segmentation and write the schema-valid JSON (+ overlay PNGs).
 
@@ -1430,6 +1667,8 @@ def write_qc_report(
     device : str
     score_threshold : float, optional
         The model's score cut-off the labels were made with (default: its card's).
+    seed : int
+        Seed of the noise-threshold crops.
 
     Returns
     -------
@@ -1451,7 +1690,7 @@ def write_qc_report(
     report, overlays = compute_qc(
         labels_path, image_path, model_dir=model_dir, thresholds=thresholds, table_path=table_path,
         nuclear_channels=nuclear_channels, overlay_prefix=overlay_dir.name, device=device,
-        score_threshold=score_threshold,
+        score_threshold=score_threshold, seed=seed,
     )
     validate_qc_report(report)
     written_dir = None
