@@ -12,8 +12,11 @@ tile plus a halo), and computes per tile and per slide:
   object's innermost pixel) that lie inside some nucleus;
 - ``teacher_student_f1``: F1 at IoU 0.5 between the weak LoG teacher, run on the same
   tiles, and the segmentation;
-- detection scores and head agreement per nucleus (from the per-nucleus table beside the
-  labels, or recomputed by running the model's heads on the tiles);
+- detection scores and head agreement per nucleus: those the segmentation computed, read
+  from the scores sidecar inside its store (``nuclei-app_scores.tsv``, written by every
+  ``segment``) or from a per-nucleus table; recomputed by running the model's heads on every
+  tile only when a model is given to ``qc`` (``--model``), e.g. for a store written before
+  the sidecar existed. ``segment`` therefore never runs the model twice;
 - morphology outliers (area, solidity, eccentricity against the slide's own robust
   distribution: median and MAD), overlap statistics (from the overlap layers), seam
   consistency (straight cuts along the segmentation's tile lines versus lines half a
@@ -54,7 +57,7 @@ from nuclei_app.core.morphology import object_properties
 from nuclei_app.core.tiling import make_tile_grid, qc_tile_edges
 from nuclei_app.core.weak import estimate_nucleus_diameter, weak_labels
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError
-from nuclei_app.io.label_source import LabelSource, find_objects_table, open_label_source
+from nuclei_app.io.label_source import LabelSource, find_objects_table, find_segmentation_scores, open_label_source
 from nuclei_app.io.slides import channel_percentiles, open_slide
 from nuclei_app.io.tables import read_nuclei_table
 from nuclei_app.provenance import path_sha256, utc_timestamp
@@ -164,9 +167,12 @@ class QCInputs:
     run_record : dict or None
         The segmentation store's completion record (None for a label TIFF).
     table_file : Path or None
-        The per-nucleus TSV (given, or found beside the labels).
+        The per-nucleus TSV the scores are read from: the one given, else a table found
+        beside the labels, else the store's scores sidecar.
     lookup : _ObjectLookup or None
         The table's per-nucleus values (None when there is no table or a model rescores).
+    scores_from : {"segmentation", "table"} or None
+        ``segmentation``: the store's scores sidecar; ``table``: a per-nucleus table.
     """
 
     labels_path: Path
@@ -175,6 +181,7 @@ class QCInputs:
     run_record: dict | None
     table_file: Path | None
     lookup: _ObjectLookup | None
+    scores_from: str | None = None
 
 
 def open_qc_inputs(
@@ -187,9 +194,10 @@ def open_qc_inputs(
     labels_path, image_path : str or Path
         The segmentation (label TIFF or OME-Zarr store) and the slide.
     table_path : str or Path, optional
-        Per-nucleus TSV (default: found beside the labels, `find_objects_table`).
+        Per-nucleus TSV (default: a table found beside the labels, `find_objects_table`, else
+        the store's scores sidecar, `find_segmentation_scores`).
     model_dir : str or Path, optional
-        When given, the table's scores are not used (the model rescores).
+        When given, no table's scores are used (the model rescores).
 
     Returns
     -------
@@ -210,8 +218,13 @@ def open_qc_inputs(
     table_file = Path(table_path) if table_path is not None else find_objects_table(labels_path, run_record)
     if table_path is not None and not table_file.is_file():
         raise MissingInputError("nuclei table not found; give the TSV written by segment", table_file)
-    lookup = _ObjectLookup.from_table(table_file) if (table_file is not None and model_dir is None) else None
-    return QCInputs(labels_path, image_path, source, run_record, table_file, lookup)
+    scores_from = "table"
+    if table_file is None and find_segmentation_scores(source.store) is not None:
+        table_file, scores_from = find_segmentation_scores(source.store), "segmentation"
+    if table_file is None or model_dir is not None:
+        return QCInputs(labels_path, image_path, source, run_record, table_file, None, None)
+    return QCInputs(labels_path, image_path, source, run_record, table_file, _ObjectLookup.from_table(table_file),
+                    scores_from)
 
 
 def _check_same_shape(slide: Any, inputs: QCInputs) -> None:
@@ -1173,7 +1186,7 @@ def qc_parameters(
     ----------
     reference : SlideReference
     thresholds : QCThresholds
-    scores_from : {"model", "table"} or None
+    scores_from : {"model", "segmentation", "table"} or None
     morphology_reference : dict of float or None
         Medians and spreads of `judge_morphology`.
 
@@ -1266,7 +1279,8 @@ def compute_qc(
         The slide the labels were made from (OME-TIFF, TIFF, OME-Zarr).
     model_dir : path, optional
         Model folder: its heads are run on every tile to recompute per-nucleus scores and
-        head agreement (otherwise they come from the nuclei table, when one is found).
+        head agreement (otherwise they come from the store's scores sidecar or the nuclei
+        table, when there is one). `nuclei_app.workflows.segment_then_qc` gives none.
     thresholds : QCThresholds, optional
         Grid, outlier rule and status thresholds (defaults when absent).
     table_path : path, optional
@@ -1320,7 +1334,7 @@ def compute_qc(
         flagged_entries = flagged_tile_entries(flagged, overlays, overlay_prefix)
 
     with watch.stage("provenance"):
-        scores_from = "model" if predictor is not None else ("table" if inputs.lookup is not None else None)
+        scores_from = "model" if predictor is not None else inputs.scores_from
         provenance = qc_provenance(
             inputs, model_provenance(predictor, model_dir, inputs.run_record), inputs.run_record,
             qc_parameters(reference, thresholds, scores_from, morphology_reference),
