@@ -11,7 +11,13 @@ tile plus a halo), and computes per tile and per slide:
 - ``seed_recall``: the share of LoG seeds (one per object of the LoG weak teacher, at the
   object's innermost pixel) that lie inside some nucleus;
 - ``teacher_student_f1``: F1 at IoU 0.5 between the weak LoG teacher, run on the same
-  tiles, and the segmentation;
+  tiles, and the segmentation. The teacher costs about as much as the segmentation, so it
+  runs on a stratified, seeded sample of the analysed tiles (`nuclei_app.qc.sampling`: at
+  least ``teacher_tiles_min`` = 16 tiles or ``teacher_tiles_share`` = 10 % of them, one per
+  stratum of the tiles sorted by their provisional QC score; the tiles are listed in
+  ``provenance.parameters.teacher_sample``). Tiles outside the sample have these two fields
+  (and ``n_seeds``, ``teacher_nuclei``) null and ``teacher_sampled`` false; their QC score
+  is the weighted mean of the other components; the slide's values pool the sample;
 - detection scores and head agreement per nucleus: those the segmentation computed, read
   from the scores sidecar inside its store (``nuclei-app_scores.tsv``, written by every
   ``segment``) or from a per-nucleus table; recomputed by running the model's heads on every
@@ -70,6 +76,7 @@ from nuclei_app.qc.metrics import (
 )
 from nuclei_app.qc.overlays import overlay_dir_for, overlay_png
 from nuclei_app.qc.rules import clean_tile_record, load_qc_config, qc_status, tile_reasons
+from nuclei_app.qc.sampling import stratified_sample, teacher_sample_size
 from nuclei_app.schemas import schema_errors
 from nuclei_app.segment.pipeline import resolve_channels
 from nuclei_app.segment.record import read_run_record
@@ -851,13 +858,20 @@ class TileAnalysis:
     counts: dict[str, float]
 
 
+#: The teacher's fields of a tile record the teacher did not run on (`qc_report` schema: null).
+NO_TEACHER: dict[str, Any] = {
+    "n_seeds": None, "seed_recall": None, "teacher_nuclei": None, "teacher_student_f1": None, "teacher_sampled": False,
+}
+
+
 def analyse_tile(
     tile: TileView, reference: SlideReference, lookup: _ObjectLookup | None, predictor: Any, watch: Stopwatch
 ) -> TileAnalysis | None:
-    """Pixel metrics, teacher agreement and nuclei of one QC tile; None for an empty tile.
+    """Pixel metrics and nuclei of one QC tile, without the teacher; None for an empty tile.
 
     A tile is empty (not analysed) when it holds no nucleus and less than
-    `MIN_FOREGROUND_SHARE` of nuclear foreground.
+    `MIN_FOREGROUND_SHARE` of nuclear foreground. The teacher's fields stay null
+    (`NO_TEACHER`) until `teach_tile` fills them for the tiles of the teacher's sample.
 
     Parameters
     ----------
@@ -868,7 +882,7 @@ def analyse_tile(
     predictor : NucleiPredictor or None
         Rescores the nuclei when given.
     watch : Stopwatch
-        Receives the ``metrics``, ``teacher`` and ``model`` seconds.
+        Receives the ``metrics`` and ``model`` seconds.
 
     Returns
     -------
@@ -884,18 +898,11 @@ def analyse_tile(
             return None
         stained = nuclear_foreground(composite, reference.precision_threshold)[core]
         autocorr = signal_autocorrelation(composite[core])
-    with watch.stage("teacher"):
-        teacher = teacher_labels(tile.raw, foreground, reference.diameter, reference.percentiles, reference.pixel_size)
-    with watch.stage("metrics"):
-        agreement = teacher_agreement(core_flat, teacher[core])
-        seeds = _seeds_in_core(teacher, core)
         ids, objects = tile_objects(tile, reference, lookup)
     with watch.stage("model"):
         objects["score"], objects["agreement"] = tile_scores(tile, ids, predictor, lookup, reference.percentiles)
 
-    nuclei = tile.flat != 0
-    core_nuclei = nuclei[core]
-    seeds_inside = int(nuclei[seeds[:, 0], seeds[:, 1]].sum()) if len(seeds) else 0
+    core_nuclei = core_flat != 0
     pixel_size = reference.pixel_size
     y0, x0, y1, x1 = tile.box
     area_mm2 = None if pixel_size is None else (y1 - y0) * (x1 - x0) * pixel_size[0] * pixel_size[1] / 1e6
@@ -907,21 +914,78 @@ def analyse_tile(
         "foreground_share": fg_share,
         "foreground_coverage": foreground_coverage(core_nuclei, core_fg),
         "foreground_precision": foreground_precision(core_nuclei, stained),
+        **NO_TEACHER,
+        "signal_autocorrelation": autocorr,
+    }
+    no_agreement = {"tp_50": 0, "fp_50": 0, "fn_50": 0, "n_gt": 0}
+    counts = tile_counts(core_nuclei, core_fg, stained, 0, 0, no_agreement, autocorr)
+    return TileAnalysis(record, objects, counts)
+
+
+def teach_tile(tile: TileView, reference: SlideReference, analysis: TileAnalysis, watch: Stopwatch) -> None:
+    """Run the weak LoG teacher on an analysed tile; fill its record's teacher fields and counts (in place).
+
+    Parameters
+    ----------
+    tile : TileView
+        The tile, read again with its halo.
+    reference : SlideReference
+    analysis : TileAnalysis
+        From `analyse_tile` on the same tile.
+    watch : Stopwatch
+        Receives the ``teacher`` and ``metrics`` seconds.
+    """
+    core = tile.core
+    with watch.stage("teacher"):
+        composite = nuclear_composite(tile.raw, reference.percentiles)
+        foreground = nuclear_foreground(composite, reference.foreground_threshold)
+        teacher = teacher_labels(tile.raw, foreground, reference.diameter, reference.percentiles, reference.pixel_size)
+    with watch.stage("metrics"):
+        agreement = teacher_agreement(tile.flat[core], teacher[core])
+        seeds = _seeds_in_core(teacher, core)
+        seeds_inside = int((tile.flat[seeds[:, 0], seeds[:, 1]] != 0).sum()) if len(seeds) else 0
+    analysis.record.update({
         "n_seeds": int(len(seeds)),
         "seed_recall": None if len(seeds) == 0 else seeds_inside / len(seeds),
         "teacher_nuclei": int(agreement["n_gt"]),
         "teacher_student_f1": float(agreement["f1_50"]),
-        "signal_autocorrelation": autocorr,
-    }
-    counts = tile_counts(core_nuclei, core_fg, stained, seeds_inside, len(seeds), agreement, autocorr)
-    return TileAnalysis(record, objects, counts)
+        "teacher_sampled": True,
+    })
+    analysis.counts.update({"seeds": int(len(seeds)), "seeds_in": seeds_inside, "tp": agreement["tp_50"],
+                            "fp": agreement["fp_50"], "fn": agreement["fn_50"], "teacher": agreement["n_gt"]})
+
+
+def provisional_score(analysis: TileAnalysis) -> float:
+    """A tile's QC score from the components known before the teacher runs (NaN: none known).
+
+    Foreground coverage and precision, mean detection score and mean head agreement (the
+    stratification key of the teacher's sample, `nuclei_app.qc.sampling`).
+    """
+    record, objects = analysis.record, analysis.objects
+    scores, agreements = objects["score"], objects["agreement"]
+    score = tile_qc_score({
+        "foreground_coverage": record["foreground_coverage"],
+        "foreground_precision": record["foreground_precision"],
+        "score_mean": float(np.nanmean(scores)) if np.isfinite(scores).any() else None,
+        "head_agreement_mean": float(np.nanmean(agreements)) if np.isfinite(agreements).any() else None,
+    })
+    return np.nan if score is None else score
+
+
+def teacher_sample(analyses: list[TileAnalysis], thresholds: QCThresholds) -> list[int]:
+    """Positions in ``analyses`` of the tiles the teacher runs on (`nuclei_app.qc.sampling`)."""
+    size = teacher_sample_size(len(analyses), thresholds.teacher_tiles_min, thresholds.teacher_tiles_share)
+    keys = np.asarray([provisional_score(analysis) for analysis in analyses], dtype=np.float64)
+    return [int(i) for i in stratified_sample(keys, size, thresholds.teacher_sample_seed)]
 
 
 def analyse_tiles(
     slide: Any, inputs: QCInputs, reference: SlideReference, predictor: Any,
-    boxes: list[tuple[int, int, int, int]], watch: Stopwatch,
+    boxes: list[tuple[int, int, int, int]], watch: Stopwatch, thresholds: QCThresholds = QCThresholds(),
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, float]]:
-    """Read and analyse every QC tile (memory: one tile with its halo at a time).
+    """Read and analyse every QC tile, then run the teacher on a sample of them.
+
+    Memory: one tile with its halo at a time (the sampled tiles are read a second time).
 
     Parameters
     ----------
@@ -932,6 +996,8 @@ def analyse_tiles(
     boxes : list of (int, int, int, int)
         The QC tile grid (`qc_tile_boxes`).
     watch : Stopwatch
+    thresholds : QCThresholds
+        The size and seed of the teacher's sample.
 
     Returns
     -------
@@ -940,27 +1006,33 @@ def analyse_tiles(
     objects : dict of ndarray, each shape (n,)
         Every analysed nucleus (`OBJECT_COLUMNS`; ``tile`` indexes ``tiles``).
     pooled : dict
-        Sums of the tiles' `tile_counts`.
+        Sums of the tiles' `tile_counts` (the teacher's counts over its sample).
     """
-    tiles: list[dict[str, Any]] = []
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in OBJECT_COLUMNS}
-    pooled: dict[str, float] = dict.fromkeys(POOLED_COUNTS, 0)
+    analyses: list[TileAnalysis] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # weak labels on empty tiles warn
         for index, box in enumerate(boxes):
             with watch.stage("read"):
                 tile = read_tile(slide, inputs.source, index, box, reference)
             analysis = analyse_tile(tile, reference, inputs.lookup, predictor, watch)
-            if analysis is None:
-                continue
-            analysis.objects["tile"] = np.full(len(analysis.objects["area"]), len(tiles))
-            for name in OBJECT_COLUMNS:
-                columns[name].append(np.asarray(analysis.objects[name]))
-            for key in POOLED_COUNTS:
-                pooled[key] += analysis.counts[key]
-            tiles.append(analysis.record)
+            if analysis is not None:
+                analyses.append(analysis)
+        for position in teacher_sample(analyses, thresholds):
+            analysis = analyses[position]
+            with watch.stage("read"):
+                tile = read_tile(slide, inputs.source, analysis.record["index"], boxes[analysis.record["index"]],
+                                 reference)
+            teach_tile(tile, reference, analysis, watch)
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in OBJECT_COLUMNS}
+    pooled: dict[str, float] = dict.fromkeys(POOLED_COUNTS, 0)
+    for position, analysis in enumerate(analyses):
+        analysis.objects["tile"] = np.full(len(analysis.objects["area"]), position)
+        for name in OBJECT_COLUMNS:
+            columns[name].append(np.asarray(analysis.objects[name]))
+        for key in POOLED_COUNTS:
+            pooled[key] += analysis.counts[key]
     objects = {name: (np.concatenate(values) if values else np.zeros(0)) for name, values in columns.items()}
-    return tiles, objects, pooled
+    return [analysis.record for analysis in analyses], objects, pooled
 
 
 # ------------------------------------------------------------------------- the slide
@@ -1178,7 +1250,7 @@ def model_provenance(predictor: Any, model_dir: str | Path | None, run_record: d
 
 def qc_parameters(
     reference: SlideReference, thresholds: QCThresholds, scores_from: str | None,
-    morphology_reference: dict[str, float] | None,
+    morphology_reference: dict[str, float] | None, teacher_tiles: list[int] | None = None,
 ) -> dict[str, Any]:
     """The report's ``provenance.parameters``: thresholds and what was derived from the slide.
 
@@ -1189,11 +1261,14 @@ def qc_parameters(
     scores_from : {"model", "segmentation", "table"} or None
     morphology_reference : dict of float or None
         Medians and spreads of `judge_morphology`.
+    teacher_tiles : list of int, optional
+        Grid indices of the tiles the teacher ran on (`teacher_sample`).
 
     Returns
     -------
     dict
     """
+    teacher_tiles = list(teacher_tiles or [])
     return {
         "thresholds": thresholds.to_dict(),
         "qc_score_weights": dict(QC_SCORE_WEIGHTS),
@@ -1204,6 +1279,12 @@ def qc_parameters(
         "nucleus_diameter_px": format_number(reference.diameter),
         "halo_px": reference.halo,
         "teacher": "log",
+        "teacher_sample": {
+            "n_tiles": len(teacher_tiles),
+            "tile_indices": teacher_tiles,
+            "stratified_by": "provisional_qc_score",
+            "seed": thresholds.teacher_sample_seed,
+        },
         "scores_from": scores_from,
         "seam_lines_from": reference.seam_source,
         "seam_stride_px": reference.seam_stride,
@@ -1317,7 +1398,7 @@ def compute_qc(
         reference = slide_reference(slide, channels, thresholds, inputs.run_record)
         watch.seconds["prepare"] = time.monotonic() - watch.started
         boxes = qc_tile_boxes(reference.shape, thresholds.tile_size_px)
-        tiles, objects, pooled = analyse_tiles(slide, inputs, reference, predictor, boxes, watch)
+        tiles, objects, pooled = analyse_tiles(slide, inputs, reference, predictor, boxes, watch, thresholds)
 
     with watch.stage("metrics"):
         outlier_flags, morphology_reference, interior = judge_morphology(
@@ -1337,7 +1418,8 @@ def compute_qc(
         scores_from = "model" if predictor is not None else inputs.scores_from
         provenance = qc_provenance(
             inputs, model_provenance(predictor, model_dir, inputs.run_record), inputs.run_record,
-            qc_parameters(reference, thresholds, scores_from, morphology_reference),
+            qc_parameters(reference, thresholds, scores_from, morphology_reference,
+                          [t["index"] for t in tiles if t["teacher_sampled"]]),
         )
     pixel_size = reference.pixel_size
     report = {
