@@ -482,7 +482,7 @@ def test_default_segment_runs_the_model_once_per_tile_and_qc_reads_its_scores(ru
     # The model saw each tissue tile once: the self-diagnosis did not run it again.
     assert sum(seen) == summary["n_tiles"] - summary["n_tiles_skipped_empty"] > 1
     scores = read_nuclei_table(out / SCORES_NAME)
-    assert list(scores) == ["label", "score", "head_agreement", "n_overlapping_neighbours"]
+    assert list(scores) == ["label", "score", "head_agreement", "n_overlapping_neighbours", "solidity", "eccentricity"]
     assert scores["label"].size == summary["n_nuclei"]
     qc = json.loads((tmp_path / "crop_qc.json").read_text())
     assert qc["provenance"]["parameters"]["scores_from"] == "segmentation"

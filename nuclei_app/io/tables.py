@@ -10,9 +10,10 @@ marker intensities inside the nucleus). Missing values (µm columns without a pi
 are ``n/a``, as BIDS tables write them.
 
 Every segmentation store also holds ``nuclei-app_scores.tsv`` (`SCORES_NAME`, written by
-`NucleusScoresWriter` whatever the options): ``label``, ``score``, ``head_agreement`` and
-``n_overlapping_neighbours`` of each nucleus, so that the self-diagnosis reads the scores the
-segmentation computed instead of running the model again.
+`NucleusScoresWriter` whatever the options): ``label``, ``score``, ``head_agreement``,
+``n_overlapping_neighbours``, ``solidity`` and ``eccentricity`` of each nucleus, so that the
+self-diagnosis reads what the segmentation computed instead of running the model (and the
+shape measures) again.
 
 The GeoJSON is a FeatureCollection of polygons in level-0 pixel coordinates (x, y), one
 ``"objectType": "detection"`` feature per nucleus, which QuPath imports as detections.
@@ -128,7 +129,9 @@ SCORES_NAME = "nuclei-app_scores.tsv"
 
 
 #: Columns of the scores sidecar (a subset of `FIXED_COLUMNS`, same meaning and format).
-SCORES_COLUMNS: tuple[str, ...] = ("label", "score", "head_agreement", "n_overlapping_neighbours")
+SCORES_COLUMNS: tuple[str, ...] = (
+    "label", "score", "head_agreement", "n_overlapping_neighbours", "solidity", "eccentricity",
+)
 
 
 def score_rows(stitched: StitchedTile) -> list[list[str]]:
@@ -140,6 +143,8 @@ def score_rows(stitched: StitchedTile) -> list[list[str]]:
             format_number(float(candidates.scores[index]), 4),
             format_number(float(candidates.head_agreement[index]), 4),
             str(int(stitched.n_overlapping[position])),
+            format_number(float(candidates.solidity[index]), 4),
+            format_number(float(candidates.eccentricity[index]), 4),
         ]
         for position, index in enumerate(stitched.kept)
     ]

@@ -150,6 +150,10 @@ class _ObjectLookup:
         order = np.argsort(columns["label"], kind="stable")
         return cls(columns["label"][order], {name: values[order] for name, values in columns.items()})
 
+    def has(self, name: str) -> bool:
+        """Whether the table has column ``name``."""
+        return name in self.columns
+
     def get(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Values of column ``name`` for ``ids`` (float64, shape of ``ids``; NaN for ids or columns the table lacks)."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -725,7 +729,10 @@ def tile_objects(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The nuclei whose centroid lies in the tile, with their shape, overlap and cut flags.
 
-    Objects come from the overlap layers (full masks) when present, else the flat view.
+    Objects come from the overlap layers (full masks) when present, else the flat view. With
+    layers and a table (or the store's scores sidecar) that lists solidity and eccentricity,
+    those (`nuclei_app.core.morphology.shape_descriptors` of the same full masks, measured by
+    the segmentation) are read instead of measured again.
 
     Parameters
     ----------
@@ -742,15 +749,23 @@ def tile_objects(
         unknown), ``seam_cut``, ``control_cut`` and ``at_border`` (bool).
     """
     sources = tile.layers if tile.layers else [tile.flat]
-    properties = merge_properties([object_properties(labels) for labels in sources])
+    # Full masks (layers) whose shapes the segmentation measured already: read, not recomputed.
+    known = bool(tile.layers) and lookup is not None and lookup.has("solidity") and lookup.has("eccentricity")
+    properties = merge_properties([object_properties(labels, shapes=not known) for labels in sources])
     offset = tile.window[:2]
     keep = centred_in(properties, offset, tile.box)
     ids = properties["label"][keep]
+    solidity, eccentricity = properties["solidity"][keep], properties["eccentricity"][keep]
+    if known:
+        solidity, eccentricity = lookup.get("solidity", ids), lookup.get("eccentricity", ids)
+        if not (np.isfinite(solidity).all() and np.isfinite(eccentricity).all()):  # ids the table lacks
+            measured = merge_properties([object_properties(labels) for labels in sources])
+            solidity, eccentricity = measured["solidity"][keep], measured["eccentricity"][keep]
     seams, min_run = reference.seams, reference.min_run
     return ids, {
         "area": properties["area"][keep],
-        "solidity": properties["solidity"][keep],
-        "eccentricity": properties["eccentricity"][keep],
+        "solidity": solidity,
+        "eccentricity": eccentricity,
         "overlap": _overlap_flags(ids, tile.layers, lookup),
         "seam_cut": _cut_flags(sources, ids, seams, "seam", tile.window, min_run),
         "control_cut": _cut_flags(sources, ids, seams, "control", tile.window, min_run),
