@@ -488,6 +488,14 @@ def test_default_segment_runs_the_model_once_per_tile_and_qc_reads_its_scores(ru
     assert qc["provenance"]["parameters"]["scores_from"] == "segmentation"
     assert qc["provenance"]["table"]["path"] == str((out / SCORES_NAME).resolve())
     assert qc["timings"]["model_seconds"] < 1.0
+    # A finished store without the sidecar (written by an older version) is rescored by the model.
+    (out / SCORES_NAME).unlink()
+    seen.clear()
+    result = run_cli("segment", path, "--model", tiny_model, "-o", out, "--device", "cpu", "--tile", "128",
+                     "--overlap", "32")
+    assert result.exit_code == 0, result.stderr
+    assert seen and json.loads((tmp_path / "crop_qc.json").read_text())["provenance"]["parameters"][
+        "scores_from"] == "model"
 
 
 @pytest.mark.slow
