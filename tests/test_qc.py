@@ -431,6 +431,14 @@ def test_teacher_runs_on_a_seeded_stratified_sample_of_tiles_documented_in_the_r
         if not tile["teacher_sampled"]:
             assert tile["teacher_student_f1"] is None and tile["seed_recall"] is None and tile["n_seeds"] is None
             assert tile["qc_score"] is not None
+    # An unsampled tile's QC score takes the slide's (sampled) teacher values for those components.
+    from nuclei_app.qc.metrics import quality_components
+
+    slide = first["slide"]
+    tile = next(t for t in tiles if not t["teacher_sampled"])
+    filled = {**quality_components(tile), "teacher_student_f1": slide["teacher_student_f1"],
+              "seed_recall": slide["seed_recall"]}
+    assert tile["qc_score"] == pytest.approx(tile_qc_score(filled), abs=1e-5)
     # The same seed gives the same tiles and the same report numbers; another seed, other tiles.
     assert again["provenance"]["parameters"]["teacher_sample"] == sample and again["tiles"] == tiles
     assert other["provenance"]["parameters"]["teacher_sample"]["tile_indices"] != sample["tile_indices"]

@@ -10,7 +10,8 @@ tile as the segmentation itself, so QC runs it on a sample of the analysed tiles
   score, mean head agreement; tiles without any first, then ties in grid order), cut into as
   many strata of consecutive tiles as there are tiles to draw (sizes differ by at most one),
   and one tile is drawn uniformly from each stratum. Every quality level of the slide, the
-  worst tiles included, is therefore represented;
+  worst tiles included, is therefore represented (tiles outside the sample take the slide's
+  pooled teacher values in their QC score, `nuclei_app.qc.slide.finish_tile_records`);
 - the draws come from the ``qc_teacher_tiles`` stream of `nuclei_app.seeding` keyed by
   ``teacher_sample_seed``: the same slide, labels and seed give the same tiles.
 """

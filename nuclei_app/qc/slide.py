@@ -17,7 +17,8 @@ tile plus a halo), and computes per tile and per slide:
   stratum of the tiles sorted by their provisional QC score; the tiles are listed in
   ``provenance.parameters.teacher_sample``). Tiles outside the sample have these two fields
   (and ``n_seeds``, ``teacher_nuclei``) null and ``teacher_sampled`` false; their QC score
-  is the weighted mean of the other components; the slide's values pool the sample;
+  takes the slide's values of the two (pooled over the sample) for those components, so it
+  has the same weights as a sampled tile's; the slide's values pool the sample;
 - detection scores and head agreement per nucleus: those the segmentation computed, read
   from the scores sidecar inside its store (``nuclei-app_scores.tsv``, written by every
   ``segment``) or from a per-nucleus table; recomputed by running the model's heads on every
@@ -1056,8 +1057,13 @@ def analyse_tiles(
 def finish_tile_records(
     tiles: list[dict[str, Any]], objects: dict[str, np.ndarray], outlier_flags: dict[str, np.ndarray] | None,
     interior: np.ndarray, seams_known: bool, thresholds: QCThresholds,
+    teacher_fill: dict[str, float | None] | None = None,
 ) -> None:
     """Add to each tile record its nuclei's `object_summary`, QC score, flag and reasons (in place).
+
+    A tile outside the teacher's sample scores its teacher components (``teacher_student_f1``,
+    ``seed_recall``) at ``teacher_fill`` (the slide's values pooled over the sample), so that
+    its QC score has the same weights as a sampled tile's; without it, at none.
 
     Parameters
     ----------
@@ -1071,11 +1077,16 @@ def finish_tile_records(
     seams_known : bool
     thresholds : QCThresholds
         ``flag_tile_score_below`` and the warn thresholds (reasons).
+    teacher_fill : dict of float or None, optional
+        ``teacher_student_f1`` and ``seed_recall`` for the tiles the teacher did not run on.
     """
     tile_of = objects["tile"].astype(np.int64)
     for t, record in enumerate(tiles):
         record.update(object_summary(objects, tile_of == t, interior, outlier_flags, seams_known))
-        record["qc_score"] = tile_qc_score(quality_components(record))
+        components = quality_components(record)
+        if teacher_fill and not record.get("teacher_sampled", True):
+            components.update({name: teacher_fill.get(name) for name in ("teacher_student_f1", "seed_recall")})
+        record["qc_score"] = tile_qc_score(components)
         record["flagged"] = record["qc_score"] is not None and record["qc_score"] < thresholds.flag_tile_score_below
         record["flag_reasons"] = tile_reasons(record, thresholds) if record["flagged"] else []
 
@@ -1407,9 +1418,8 @@ def compute_qc(
     inputs = open_qc_inputs(labels_path, image_path, table_path, model_dir)
     with open_slide(inputs.image_path) as slide:
         _check_same_shape(slide, inputs)
-        predictor, channels = _open_model_and_channels(
-            slide, inputs, model_dir, device, score_threshold, nuclear_channels
-        )
+        predictor, channels = _open_model_and_channels(slide, inputs, model_dir, device, score_threshold,
+                                                       nuclear_channels)
         reference = slide_reference(slide, channels, thresholds, inputs.run_record)
         watch.seconds["prepare"] = time.monotonic() - watch.started
         boxes = qc_tile_boxes(reference.shape, thresholds.tile_size_px)
@@ -1419,7 +1429,8 @@ def compute_qc(
         outlier_flags, morphology_reference, interior = judge_morphology(
             objects, thresholds.morphology_k, thresholds.min_nuclei_for_statistics
         )
-        finish_tile_records(tiles, objects, outlier_flags, interior, reference.seams is not None, thresholds)
+        finish_tile_records(tiles, objects, outlier_flags, interior, reference.seams is not None, thresholds,
+                            pooled_pixel_metrics(pooled, len(tiles)))
         metrics = slide_metrics(len(boxes), tiles, objects, pooled, outlier_flags, interior, reference,
                                 len(inputs.source.layers) or None)
         status, reasons = qc_status(metrics, thresholds)
