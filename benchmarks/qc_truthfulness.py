@@ -24,6 +24,12 @@ the image replaced by pure noise (segmented by the student). Each failure should
 
     python benchmarks/qc_truthfulness.py --data ../shared/data/nuclei-gt --steps 250 --rounds 0 --minutes 7 \
         --out benchmarks/results/qc_truthfulness.json
+
+The QC runs the weak teacher on a stratified sample of each image's tiles (``QCThresholds``
+defaults: at least 16 tiles or 10 %); ``--teacher-tiles-share 1`` runs it on every tile, as
+before sampling existed, and ``--reuse-models`` compares such variants on the same students.
+A tile outside the sample has no ``teacher_student_f1`` / ``seed_recall``: those components'
+correlations are over the sampled tiles only, the QC score's over every tile.
 """
 
 from __future__ import annotations
@@ -105,8 +111,15 @@ def main() -> int:
     parser.add_argument("--planted-per-source", type=int, default=2)
     parser.add_argument("--segmenter", choices=("predictor", "segment"), default="predictor")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-tiles-min", type=int, default=QCThresholds.teacher_tiles_min,
+                        help="QC runs the weak teacher on at least this many tiles per image ...")
+    parser.add_argument("--teacher-tiles-share", type=float, default=QCThresholds.teacher_tiles_share,
+                        help="... or this share of them (1: every tile, as before sampling existed)")
+    parser.add_argument("--reuse-models", action="store_true",
+                        help="keep models already trained under --work (compare QC variants on the same students)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    sampling = {"teacher_tiles_min": args.teacher_tiles_min, "teacher_tiles_share": args.teacher_tiles_share}
 
     started = time.time()
 
@@ -124,17 +137,19 @@ def main() -> int:
                                 seed=args.seed)
         say(f"{source.name}: training on {len(pairs)} images ({config.steps_per_round} steps, {config.rounds} rounds)")
         model_dir = work / "model"
-        train_model(pairs, model_dir, config, progress=lambda line: None)
         zero_dir = work / "model-zero-steps"
-        # A budget of a few nanoseconds: the optimiser never takes a step (random weights).
-        train_model(pairs[:1], zero_dir, TrainingConfig(steps_per_round=1, rounds=0, max_minutes=1e-9,
-                                                        seed=args.seed), progress=lambda line: None)
+        if not (args.reuse_models and (model_dir / "model_card.json").is_file()):
+            train_model(pairs, model_dir, config, progress=lambda line: None)
+        if not (args.reuse_models and (zero_dir / "model_card.json").is_file()):
+            # A budget of a few nanoseconds: the optimiser never takes a step (random weights).
+            train_model(pairs[:1], zero_dir, TrainingConfig(steps_per_round=1, rounds=0, max_minutes=1e-9,
+                                                            seed=args.seed), progress=lambda line: None)
         for index, image_path in enumerate(pairs):
             name = image_path.name[: -len("_img.tif")]
             truth = read_labels(image_path.with_name(f"{name}_masks.tif"))
             image = tifffile.imread(image_path)
             tile = qc_tile_size(image)
-            thresholds = QCThresholds(tile_size_px=tile, max_overlays=0)
+            thresholds = QCThresholds(tile_size_px=tile, max_overlays=0, **sampling)
             store, qc_options = segment_image(model_dir, image_path, work / f"{name}_desc-nuclei_FLUO.ome.zarr",
                                               args.segmenter)
             result = write_qc_report(store, image_path, work / f"{name}_desc-nuclei_qc.json", thresholds=thresholds,

@@ -299,7 +299,10 @@ def qc_command(
     image: Path = typer.Argument(..., help="The slide the labels were made from (OME-TIFF / TIFF / OME-Zarr)."),
     output: Path = typer.Option(..., "-o", "--output", help="QC report to write (JSON, schemas/qc_report.schema.json)."),
     model: Optional[Path] = typer.Option(
-        None, "--model", help="Model folder: rerun its heads on every tile for scores and head agreement."
+        None, "--model",
+        help="Model folder: rerun its heads on every tile for scores and head agreement (without it they come from "
+             "the table or from the scores the segmentation kept in its store, nuclei-app_scores.tsv; a store of an "
+             "older version has none).",
     ),
     config: Optional[Path] = typer.Option(
         None, "--config", help="QC thresholds, JSON or TOML (schemas/qc_config.schema.json); bad keys/values exit 64."
@@ -309,6 +312,9 @@ def qc_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda (with --model)."),
 ) -> None:
     """Diagnose a segmentation without ground truth: per-tile and per-slide QC, pass/warn/fail with reasons.
+
+    The weak teacher (teacher agreement, seed recall) runs on a stratified, seeded sample of the tiles
+    (QC config: teacher_tiles_min, teacher_tiles_share, teacher_sample_seed; the report lists them).
 
     Exit codes: 0 report written (whatever the status), 64 bad option or QC config, 65 bad data (labels not integer, labels and image of different shapes), 66 missing input, 73 cannot write.
     """

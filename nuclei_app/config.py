@@ -226,6 +226,9 @@ class QCThresholds:
     flag_tile_score_below: float = 0.6  # tiles whose QC score is below this are flagged
     max_flagged_tiles: int = 50  # length of the ranked flagged-tile list in the report
     max_overlays: int = 12  # flagged tiles drawn as PNG overlays beside the report (0: none)
+    teacher_tiles_min: int = 16  # the weak teacher (teacher agreement, seed recall) runs on at least this many tiles
+    teacher_tiles_share: float = 0.1  # ... or this share of the analysed tiles, whichever is more (1: every tile)
+    teacher_sample_seed: int = 0  # seed of the stratified tile sample (`nuclei_app.qc.sampling`)
     signal_autocorrelation_warn: float = 0.5
     signal_autocorrelation_fail: float = 0.2
     foreground_coverage_warn: float = 0.7
@@ -254,6 +257,8 @@ class QCThresholds:
             raise UsageError(f"QC seam_stride_px must be 0 (auto) or positive, got {self.seam_stride_px}")
         if self.morphology_k <= 0:
             raise UsageError(f"QC morphology_k must be positive, got {self.morphology_k}")
+        if self.teacher_tiles_min < 1 or not 0.0 <= self.teacher_tiles_share <= 1.0 or self.teacher_sample_seed < 0:
+            raise UsageError("QC teacher_tiles_min must be >= 1, teacher_tiles_share 0 to 1, teacher_sample_seed >= 0")
         if self.min_nuclei_for_statistics < 3 or self.max_flagged_tiles < 0 or self.max_overlays < 0:
             raise UsageError("QC min_nuclei_for_statistics must be >= 3, max_flagged_tiles and max_overlays >= 0")
         for name, value in asdict(self).items():

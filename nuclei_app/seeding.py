@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 #: Purposes that draw random numbers; the position is the child's spawn key.
-STREAMS: tuple[str, ...] = ("training_tiles", "batches", "pseudo_label_views", "framework", "qc_noise_crops")
+STREAMS: tuple[str, ...] = ("training_tiles", "batches", "pseudo_label_views", "framework", "qc_noise_crops",
+                             "qc_teacher_tiles")
 
 
 def seed_sequence(seed: int, stream: str, *key: int) -> np.random.SeedSequence:

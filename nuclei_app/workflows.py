@@ -11,6 +11,7 @@ from nuclei_app.config import SegmentConfig
 from nuclei_app.core.channels import select_nuclear_channels
 from nuclei_app.core.weak import METHODS, WeakLabels, weak_labels
 from nuclei_app.errors import UsageError
+from nuclei_app.io.label_source import find_segmentation_scores
 from nuclei_app.io.labels import write_label_tiff
 from nuclei_app.io.ome_zarr import write_labels_ome_zarr
 from nuclei_app.io.slides import channel_percentiles, open_slide
@@ -127,8 +128,10 @@ def segment_then_qc(
 
     The pipeline of `nuclei-app segment` and of each slide of `nuclei-app run ... participant`.
     QC judges the nuclear channels the segmentation used, with the same device and score
-    cut-off. With a table, QC reads each nucleus's score and head agreement from it; without
-    one it reruns the model's heads over the slide (about as long as the segmentation).
+    cut-off. The model runs once: QC reads each nucleus's score and head agreement from the
+    scores sidecar the segmentation wrote into its store (or from ``table_path``). Only a
+    store that has neither (one resumed from a run of an older version) makes QC rerun the
+    model's heads over the slide.
 
     Parameters
     ----------
@@ -155,9 +158,10 @@ def segment_then_qc(
     )
     if not write_qc:
         return SegmentedSlide(segmentation, None)
+    scores_known = table_path is not None or find_segmentation_scores(segmentation.output_path) is not None
     qc = write_qc_report(
         segmentation.output_path, image_path, qc_path if qc_path is not None else default_qc_path(output_path),
-        model_dir=None if table_path is not None else predictor.model_dir, config_path=qc_config,
+        model_dir=None if scores_known else predictor.model_dir, config_path=qc_config,
         table_path=table_path, nuclear_channels=segmentation.nuclear_channels, device=config.device,
         score_threshold=config.score_threshold,
     )

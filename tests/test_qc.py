@@ -500,3 +500,44 @@ def test_segment_ends_with_the_qc_summary(run_cli, small_pair, tmp_path):
     assert lines[status_line + 1] == "reasons: none"
     assert lines[status_line + 2].startswith("signal coverage: ")
     assert lines[status_line + 4].startswith("worst tile 1: y 0, x 0 (360x360 px): QC score ")
+
+
+def test_teacher_runs_on_a_seeded_stratified_sample_of_tiles_documented_in_the_report(small_pair, tmp_path):
+    from nuclei_app.qc.sampling import stratified_sample
+
+    image, masks = small_pair
+    thresholds = QCThresholds(tile_size_px=64, teacher_tiles_min=3, teacher_tiles_share=0.2, max_overlays=0)
+    reports = [
+        read_report(write_qc_report(masks, image, tmp_path / f"qc{seed}-{run}.json", thresholds=QCThresholds(
+            **{**thresholds.to_dict(), "teacher_sample_seed": seed})).path)
+        for seed, run in ((0, 0), (0, 1), (7, 0))
+    ]
+    first, again, other = reports
+    sample = first["provenance"]["parameters"]["teacher_sample"]
+    tiles = first["tiles"]
+    assert len(tiles) > 20 and sample["n_tiles"] == max(3, int(np.ceil(0.2 * len(tiles))))
+    assert sample["seed"] == 0 and sample["stratified_by"] == "provisional_qc_score"
+    assert sample["tile_indices"] == [t["index"] for t in tiles if t["teacher_sampled"]]
+    for tile in tiles:  # tiles outside the sample have no teacher fields, yet a QC score
+        if not tile["teacher_sampled"]:
+            assert tile["teacher_student_f1"] is None and tile["seed_recall"] is None and tile["n_seeds"] is None
+            assert tile["qc_score"] is not None
+    # An unsampled tile's QC score takes the slide's (sampled) teacher values for those components.
+    from nuclei_app.qc.metrics import quality_components
+
+    slide = first["slide"]
+    tile = next(t for t in tiles if not t["teacher_sampled"])
+    filled = {**quality_components(tile), "teacher_student_f1": slide["teacher_student_f1"],
+              "seed_recall": slide["seed_recall"]}
+    assert tile["qc_score"] == pytest.approx(tile_qc_score(filled), abs=1e-5)
+    # The same seed gives the same tiles and the same report numbers; another seed, other tiles.
+    assert again["provenance"]["parameters"]["teacher_sample"] == sample and again["tiles"] == tiles
+    assert other["provenance"]["parameters"]["teacher_sample"]["tile_indices"] != sample["tile_indices"]
+    # One item per stratum: keys 9..0 cut into 5 strata of two give one of each pair.
+    picks = stratified_sample(np.arange(10.0)[::-1], 5, seed=0)
+    assert sorted(picks // 2) == [0, 1, 2, 3, 4]
+    # teacher_tiles_share = 1: the teacher runs on every tile, as before sampling existed.
+    full = write_qc_report(masks, image, tmp_path / "all.json", thresholds=QCThresholds(
+        tile_size_px=64, teacher_tiles_share=1.0, max_overlays=0)).report
+    assert all(t["teacher_sampled"] for t in full["tiles"])
+    assert full["provenance"]["parameters"]["teacher_sample"]["n_tiles"] == len(full["tiles"])

@@ -458,6 +458,46 @@ def test_model_segments_a_slide_through_the_cli(run_cli, tiny_model, slide, tmp_
     assert qc["provenance"]["parameters"]["scores_from"] == "table"
 
 
+def test_default_segment_runs_the_model_once_per_tile_and_qc_reads_its_scores(run_cli, tiny_model, slide, tmp_path,
+                                                                             monkeypatch):
+    from nuclei_app.io.tables import SCORES_NAME
+    from nuclei_app.model.predictor import NucleiPredictor
+
+    seen: list[int] = []
+    predict_batch = NucleiPredictor.predict_batch
+
+    def counting(self, tiles):
+        seen.append(len(tiles))
+        return predict_batch(self, tiles)
+
+    monkeypatch.setattr(NucleiPredictor, "predict_batch", counting)
+    with open_slide(slide) as opened:
+        crop = opened.read_region(0, 0, 300, 300)
+    path = _write_slide(tmp_path / "crop.ome.tif", crop, n_levels=1)
+    out = tmp_path / "crop.ome.zarr"
+    result = run_cli("segment", path, "--model", tiny_model, "-o", out, "--device", "cpu", "--tile", "128",
+                     "--overlap", "32")
+    assert result.exit_code == 0, result.stderr
+    summary = read_run_record(out)["summary"]
+    # The model saw each tissue tile once: the self-diagnosis did not run it again.
+    assert sum(seen) == summary["n_tiles"] - summary["n_tiles_skipped_empty"] > 1
+    scores = read_nuclei_table(out / SCORES_NAME)
+    assert list(scores) == ["label", "score", "head_agreement", "n_overlapping_neighbours", "solidity", "eccentricity"]
+    assert scores["label"].size == summary["n_nuclei"]
+    qc = json.loads((tmp_path / "crop_qc.json").read_text())
+    assert qc["provenance"]["parameters"]["scores_from"] == "segmentation"
+    assert qc["provenance"]["table"]["path"] == str((out / SCORES_NAME).resolve())
+    assert qc["timings"]["model_seconds"] < 1.0
+    # A finished store without the sidecar (written by an older version) is rescored by the model.
+    (out / SCORES_NAME).unlink()
+    seen.clear()
+    result = run_cli("segment", path, "--model", tiny_model, "-o", out, "--device", "cpu", "--tile", "128",
+                     "--overlap", "32")
+    assert result.exit_code == 0, result.stderr
+    assert seen and json.loads((tmp_path / "crop_qc.json").read_text())["provenance"]["parameters"][
+        "scores_from"] == "model"
+
+
 @pytest.mark.slow
 def test_score_threshold_option_drops_less_confident_nuclei_and_is_recorded(run_cli, trained_model_dir, tmp_path):
     from conftest import SAMPLE_IMAGE

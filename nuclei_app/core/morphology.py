@@ -41,12 +41,15 @@ def shape_descriptors(mask: np.ndarray) -> tuple[float, float]:
         return float(region.solidity), float(region.eccentricity)
 
 
-def object_properties(labels: np.ndarray) -> dict[str, np.ndarray]:
+def object_properties(labels: np.ndarray, shapes: bool = True) -> dict[str, np.ndarray]:
     """Per-object morphology of a label image (objects must not overlap within it).
 
     Parameters
     ----------
     labels : ndarray of int, shape (H, W)
+    shapes : bool
+        Compute solidity and eccentricity (most of the cost); when False they are NaN (for
+        callers that know them already, e.g. from the segmentation's table).
 
     Returns
     -------
@@ -62,14 +65,18 @@ def object_properties(labels: np.ndarray) -> dict[str, np.ndarray]:
     if not labels.any():
         return {name: np.zeros(0, dtype=np.int64 if name == "label" else np.float64) for name in names}
     table = regionprops_table(
-        labels.astype(np.int64, copy=False), properties=("label", "area", "centroid", "bbox", "image")
+        labels.astype(np.int64, copy=False),
+        properties=("label", "area", "centroid", "bbox", "image") if shapes else ("label", "area", "centroid", "bbox"),
     )
-    shapes = np.asarray([shape_descriptors(image) for image in table["image"]], dtype=np.float64).reshape(-1, 2)
+    if shapes:
+        values = np.asarray([shape_descriptors(image) for image in table["image"]], dtype=np.float64).reshape(-1, 2)
+    else:
+        values = np.full((len(table["label"]), 2), np.nan)
     return {
         "label": np.asarray(table["label"], dtype=np.int64),
         "area": np.asarray(table["area"], dtype=np.float64),
-        "solidity": shapes[:, 0],
-        "eccentricity": shapes[:, 1],
+        "solidity": values[:, 0],
+        "eccentricity": values[:, 1],
         "centroid_y": np.asarray(table["centroid-0"], dtype=np.float64),
         "centroid_x": np.asarray(table["centroid-1"], dtype=np.float64),
         "bbox_y0": np.asarray(table["bbox-0"], dtype=np.float64),

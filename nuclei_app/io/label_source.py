@@ -9,6 +9,7 @@ import numpy as np
 from nuclei_app.errors import BadDataError, MissingInputError
 from nuclei_app.io.labels import read_labels
 from nuclei_app.io.ngff import is_zarr_store, label_array_level0, ome_attributes
+from nuclei_app.io.tables import SCORES_NAME
 
 
 @dataclass
@@ -172,3 +173,14 @@ def find_objects_table(labels_path: str | Path, run_record: dict | None = None) 
             return path
     return None
 
+
+
+def find_segmentation_scores(store: str | Path | None) -> Path | None:
+    """The per-nucleus scores sidecar a segmentation store holds (`SCORES_NAME`), when present.
+
+    Stores written by ``nuclei-app segment`` before the sidecar existed have none.
+    """
+    if store is None:
+        return None
+    path = Path(store) / SCORES_NAME
+    return path if path.is_file() else None

@@ -9,6 +9,12 @@ n_overlapping_neighbours, then ``mean_<channel>`` for every channel of the slide
 marker intensities inside the nucleus). Missing values (µm columns without a pixel size)
 are ``n/a``, as BIDS tables write them.
 
+Every segmentation store also holds ``nuclei-app_scores.tsv`` (`SCORES_NAME`, written by
+`NucleusScoresWriter` whatever the options): ``label``, ``score``, ``head_agreement``,
+``n_overlapping_neighbours``, ``solidity`` and ``eccentricity`` of each nucleus, so that the
+self-diagnosis reads what the segmentation computed instead of running the model (and the
+shape measures) again.
+
 The GeoJSON is a FeatureCollection of polygons in level-0 pixel coordinates (x, y), one
 ``"objectType": "detection"`` feature per nucleus, which QuPath imports as detections.
 
@@ -118,6 +124,32 @@ def nucleus_rows(stitched: StitchedTile, pixel_size_um: tuple[float, float] | No
     return rows
 
 
+#: The per-nucleus scores sidecar inside a segmentation store (beside the run record).
+SCORES_NAME = "nuclei-app_scores.tsv"
+
+
+#: Columns of the scores sidecar (a subset of `FIXED_COLUMNS`, same meaning and format).
+SCORES_COLUMNS: tuple[str, ...] = (
+    "label", "score", "head_agreement", "n_overlapping_neighbours", "solidity", "eccentricity",
+)
+
+
+def score_rows(stitched: StitchedTile) -> list[list[str]]:
+    """Scores-sidecar rows (`SCORES_COLUMNS`, as strings) of one stitched tile's nuclei, in id order."""
+    candidates = stitched.candidates
+    return [
+        [
+            str(int(stitched.ids[position])),
+            format_number(float(candidates.scores[index]), 4),
+            format_number(float(candidates.head_agreement[index]), 4),
+            str(int(stitched.n_overlapping[position])),
+            format_number(float(candidates.solidity[index]), 4),
+            format_number(float(candidates.eccentricity[index]), 4),
+        ]
+        for position, index in enumerate(stitched.kept)
+    ]
+
+
 class _StreamingFile:
     """A text file written to a temporary name and renamed onto ``path`` by `close`."""
 
@@ -191,6 +223,29 @@ class NucleiTableWriter(_StreamingFile):
         self._commit()
         atomic_write_json(self.sidecar_path, sidecar)
         self.committed.append(self.sidecar_path)
+
+
+class NucleusScoresWriter(_StreamingFile):
+    """Stream the scores sidecar (`SCORES_COLUMNS`); `close` renames it into place.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.tsv`` to write (segment writes it in its work dir, then moves it into the store).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.handle.write("\t".join(SCORES_COLUMNS) + "\n")
+
+    def write_tile(self, stitched: StitchedTile) -> None:
+        """Append the rows of one stitched tile."""
+        for row in score_rows(stitched):
+            self.handle.write("\t".join(row) + "\n")
+
+    def close(self) -> None:
+        """Finish: rename the TSV into place."""
+        self._commit()
 
 
 def read_nuclei_table(path: str | Path) -> dict[str, np.ndarray]:

@@ -50,7 +50,7 @@ class NucleiPredictor:
         period = SCALE_GRID * self.model.feature_stride
         return period // math.gcd(steps, period)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_batch(self, tiles: list) -> list:
         """Predict tiles, each float32 (C, H, W) normalised by slide percentiles -> list of `Instances`."""
 

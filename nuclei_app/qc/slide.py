@@ -11,9 +11,19 @@ tile plus a halo), and computes per tile and per slide:
 - ``seed_recall``: the share of LoG seeds (one per object of the LoG weak teacher, at the
   object's innermost pixel) that lie inside some nucleus;
 - ``teacher_student_f1``: F1 at IoU 0.5 between the weak LoG teacher, run on the same
-  tiles, and the segmentation;
-- detection scores and head agreement per nucleus (from the per-nucleus table beside the
-  labels, or recomputed by running the model's heads on the tiles);
+  tiles, and the segmentation. The teacher costs about as much as the segmentation, so it
+  runs on a stratified, seeded sample of the analysed tiles (`nuclei_app.qc.sampling`: at
+  least ``teacher_tiles_min`` = 16 tiles or ``teacher_tiles_share`` = 10 % of them, one per
+  stratum of the tiles sorted by their provisional QC score; the tiles are listed in
+  ``provenance.parameters.teacher_sample``). Tiles outside the sample have these two fields
+  (and ``n_seeds``, ``teacher_nuclei``) null and ``teacher_sampled`` false; their QC score
+  takes the slide's values of the two (pooled over the sample) for those components, so it
+  has the same weights as a sampled tile's; the slide's values pool the sample;
+- detection scores and head agreement per nucleus: those the segmentation computed, read
+  from the scores sidecar inside its store (``nuclei-app_scores.tsv``, written by every
+  ``segment``) or from a per-nucleus table; recomputed by running the model's heads on every
+  tile only when a model is given to ``qc`` (``--model``), e.g. for a store written before
+  the sidecar existed. ``segment`` therefore never runs the model twice;
 - morphology outliers (area, solidity, eccentricity against the slide's own robust
   distribution: median and MAD), overlap statistics (from the overlap layers), seam
   consistency (straight cuts along the segmentation's tile lines versus lines half a
@@ -55,7 +65,7 @@ from nuclei_app.core.noise import NOISE_CROP_SIDE, NOISE_CROPS, NOISE_COMPONENTS
 from nuclei_app.core.tiling import make_tile_grid, qc_tile_edges
 from nuclei_app.core.weak import estimate_nucleus_diameter, weak_labels
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError
-from nuclei_app.io.label_source import LabelSource, find_objects_table, open_label_source
+from nuclei_app.io.label_source import LabelSource, find_objects_table, find_segmentation_scores, open_label_source
 from nuclei_app.io.slides import channel_percentiles, open_slide
 from nuclei_app.io.tables import read_nuclei_table
 from nuclei_app.provenance import path_sha256, utc_timestamp
@@ -73,6 +83,7 @@ from nuclei_app.qc.signal_coverage import (
     seed_paper_tile_clumps, signal_coverage_fields, signal_coverage_sums,
 )
 from nuclei_app.qc.thumbnail import RED_BELOW_FLAG, SCORE_ALPHA, ThumbnailCanvas, score_thumbnail_png
+from nuclei_app.qc.sampling import stratified_sample, teacher_sample_size
 from nuclei_app.schemas import schema_errors
 from nuclei_app.seeding import seed_sequence
 from nuclei_app.segment.pipeline import resolve_channels
@@ -147,6 +158,10 @@ class _ObjectLookup:
         order = np.argsort(columns["label"], kind="stable")
         return cls(columns["label"][order], {name: values[order] for name, values in columns.items()})
 
+    def has(self, name: str) -> bool:
+        """Whether the table has column ``name``."""
+        return name in self.columns
+
     def get(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Values of column ``name`` for ``ids`` (float64, shape of ``ids``; NaN for ids or columns the table lacks)."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -171,9 +186,12 @@ class QCInputs:
     run_record : dict or None
         The segmentation store's completion record (None for a label TIFF).
     table_file : Path or None
-        The per-nucleus TSV (given, or found beside the labels).
+        The per-nucleus TSV the scores are read from: the one given, else a table found
+        beside the labels, else the store's scores sidecar.
     lookup : _ObjectLookup or None
         The table's per-nucleus values (None when there is no table or a model rescores).
+    scores_from : {"segmentation", "table"} or None
+        ``segmentation``: the store's scores sidecar; ``table``: a per-nucleus table.
     """
 
     labels_path: Path
@@ -182,6 +200,7 @@ class QCInputs:
     run_record: dict | None
     table_file: Path | None
     lookup: _ObjectLookup | None
+    scores_from: str | None = None
 
 
 def open_qc_inputs(
@@ -194,9 +213,10 @@ def open_qc_inputs(
     labels_path, image_path : str or Path
         The segmentation (label TIFF or OME-Zarr store) and the slide.
     table_path : str or Path, optional
-        Per-nucleus TSV (default: found beside the labels, `find_objects_table`).
+        Per-nucleus TSV (default: a table found beside the labels, `find_objects_table`, else
+        the store's scores sidecar, `find_segmentation_scores`).
     model_dir : str or Path, optional
-        When given, the table's scores are not used (the model rescores).
+        When given, no table's scores are used (the model rescores).
 
     Returns
     -------
@@ -217,8 +237,13 @@ def open_qc_inputs(
     table_file = Path(table_path) if table_path is not None else find_objects_table(labels_path, run_record)
     if table_path is not None and not table_file.is_file():
         raise MissingInputError("nuclei table not found; give the TSV written by segment", table_file)
-    lookup = _ObjectLookup.from_table(table_file) if (table_file is not None and model_dir is None) else None
-    return QCInputs(labels_path, image_path, source, run_record, table_file, lookup)
+    scores_from = "table"
+    if table_file is None and find_segmentation_scores(source.store) is not None:
+        table_file, scores_from = find_segmentation_scores(source.store), "segmentation"
+    if table_file is None or model_dir is not None:
+        return QCInputs(labels_path, image_path, source, run_record, table_file, None, None)
+    return QCInputs(labels_path, image_path, source, run_record, table_file, _ObjectLookup.from_table(table_file),
+                    scores_from)
 
 
 def _check_same_shape(slide: Any, inputs: QCInputs) -> None:
@@ -748,12 +773,58 @@ def read_tile(slide: Any, source: LabelSource, index: int, box: tuple[int, int, 
     return TileView(index, box, (hy0, hx0, hy1, hx1), raw, flat, layers)
 
 
+#: Margin of the small read that tells an empty tile: the reach of the foreground's sigma-1
+#: Gaussian (4 px), and wide enough for the widest coverage dilation to reach into the core.
+EMPTY_CHECK_MARGIN_PX = max(4, max(COVERAGE_DILATIONS))
+
+
+def empty_tile_view(slide: Any, source: LabelSource, index: int, box: tuple[int, int, int, int],
+                    reference: SlideReference) -> TileView | None:
+    """A small view of a QC tile when it is empty (`analyse_tile`'s rule), else None.
+
+    Reads the flat labels of the tile with a small margin and, only when its core holds no
+    nucleus, the image on the same window: the decision is exactly `analyse_tile`'s, while a
+    sparse slide's many empty tiles cost a fraction of a full `read_tile`. The view (no layers,
+    ``EMPTY_CHECK_MARGIN_PX`` instead of the halo) still serves the thumbnail and the signal
+    coverage of the tile (`SlideAccumulators.add_tile`).
+
+    Parameters
+    ----------
+    slide : nuclei_app.io.slides.Slide
+    source : LabelSource
+    index : int
+        Position in the QC grid.
+    box : (int, int, int, int)
+        (y0, x0, y1, x1) of the tile, slide pixels.
+    reference : SlideReference
+
+    Returns
+    -------
+    TileView or None
+    """
+    y0, x0, y1, x1 = box
+    height, width = reference.shape
+    margin = EMPTY_CHECK_MARGIN_PX
+    wy0, wx0, wy1, wx1 = max(0, y0 - margin), max(0, x0 - margin), min(height, y1 + margin), min(width, x1 + margin)
+    flat = source.read(source.flat, wy0, wx0, wy1, wx1)
+    if flat[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0].any():
+        return None
+    raw = slide.read_region(wy0, wx0, wy1 - wy0, wx1 - wx0, channels=reference.channels)
+    foreground = nuclear_foreground(nuclear_composite(raw, reference.percentiles), reference.foreground_threshold)
+    if float(foreground[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0].mean()) >= MIN_FOREGROUND_SHARE:
+        return None
+    return TileView(index, box, (wy0, wx0, wy1, wx1), raw, flat, [])
+
+
 def tile_objects(
     tile: TileView, reference: SlideReference, lookup: _ObjectLookup | None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The nuclei whose centroid lies in the tile, with their shape, overlap and cut flags.
 
-    Objects come from the overlap layers (full masks) when present, else the flat view.
+    Objects come from the overlap layers (full masks) when present, else the flat view. With
+    layers and a table (or the store's scores sidecar) that lists solidity and eccentricity,
+    those (`nuclei_app.core.morphology.shape_descriptors` of the same full masks, measured by
+    the segmentation) are read instead of measured again.
 
     Parameters
     ----------
@@ -770,15 +841,23 @@ def tile_objects(
         unknown), ``seam_cut``, ``control_cut`` and ``at_border`` (bool).
     """
     sources = tile.layers if tile.layers else [tile.flat]
-    properties = merge_properties([object_properties(labels) for labels in sources])
+    # Full masks (layers) whose shapes the segmentation measured already: read, not recomputed.
+    known = bool(tile.layers) and lookup is not None and lookup.has("solidity") and lookup.has("eccentricity")
+    properties = merge_properties([object_properties(labels, shapes=not known) for labels in sources])
     offset = tile.window[:2]
     keep = centred_in(properties, offset, tile.box)
     ids = properties["label"][keep]
+    solidity, eccentricity = properties["solidity"][keep], properties["eccentricity"][keep]
+    if known:
+        solidity, eccentricity = lookup.get("solidity", ids), lookup.get("eccentricity", ids)
+        if not (np.isfinite(solidity).all() and np.isfinite(eccentricity).all()):  # ids the table lacks
+            measured = merge_properties([object_properties(labels) for labels in sources])
+            solidity, eccentricity = measured["solidity"][keep], measured["eccentricity"][keep]
     seams, min_run = reference.seams, reference.min_run
     return ids, {
         "area": properties["area"][keep],
-        "solidity": properties["solidity"][keep],
-        "eccentricity": properties["eccentricity"][keep],
+        "solidity": solidity,
+        "eccentricity": eccentricity,
         "overlap": _overlap_flags(ids, tile.layers, lookup),
         "seam_cut": _cut_flags(sources, ids, seams, "seam", tile.window, min_run),
         "control_cut": _cut_flags(sources, ids, seams, "control", tile.window, min_run),
@@ -886,13 +965,20 @@ class TileAnalysis:
     counts: dict[str, float]
 
 
+#: The teacher's fields of a tile record the teacher did not run on (`qc_report` schema: null).
+NO_TEACHER: dict[str, Any] = {
+    "n_seeds": None, "seed_recall": None, "teacher_nuclei": None, "teacher_student_f1": None, "teacher_sampled": False,
+}
+
+
 def analyse_tile(
     tile: TileView, reference: SlideReference, lookup: _ObjectLookup | None, predictor: Any, watch: Stopwatch
 ) -> TileAnalysis | None:
-    """Pixel metrics, teacher agreement and nuclei of one QC tile; None for an empty tile.
+    """Pixel metrics and nuclei of one QC tile, without the teacher; None for an empty tile.
 
     A tile is empty (not analysed) when it holds no nucleus and less than
-    `MIN_FOREGROUND_SHARE` of nuclear foreground.
+    `MIN_FOREGROUND_SHARE` of nuclear foreground. The teacher's fields stay null
+    (`NO_TEACHER`) until `teach_tile` fills them for the tiles of the teacher's sample.
 
     Parameters
     ----------
@@ -903,7 +989,7 @@ def analyse_tile(
     predictor : NucleiPredictor or None
         Rescores the nuclei when given.
     watch : Stopwatch
-        Receives the ``metrics``, ``teacher`` and ``model`` seconds.
+        Receives the ``metrics`` and ``model`` seconds.
 
     Returns
     -------
@@ -919,18 +1005,11 @@ def analyse_tile(
             return None
         stained = nuclear_foreground(composite, reference.precision_threshold)[core]
         autocorr = signal_autocorrelation(composite[core])
-    with watch.stage("teacher"):
-        teacher = teacher_labels(tile.raw, foreground, reference.diameter, reference.percentiles, reference.pixel_size)
-    with watch.stage("metrics"):
-        agreement = teacher_agreement(core_flat, teacher[core])
-        seeds = _seeds_in_core(teacher, core)
         ids, objects = tile_objects(tile, reference, lookup)
     with watch.stage("model"):
         objects["score"], objects["agreement"] = tile_scores(tile, ids, predictor, lookup, reference.percentiles)
 
-    nuclei = tile.flat != 0
-    core_nuclei = nuclei[core]
-    seeds_inside = int(nuclei[seeds[:, 0], seeds[:, 1]].sum()) if len(seeds) else 0
+    core_nuclei = core_flat != 0
     pixel_size = reference.pixel_size
     y0, x0, y1, x1 = tile.box
     area_mm2 = None if pixel_size is None else (y1 - y0) * (x1 - x0) * pixel_size[0] * pixel_size[1] / 1e6
@@ -942,14 +1021,69 @@ def analyse_tile(
         "foreground_share": fg_share,
         "foreground_coverage": foreground_coverage(core_nuclei, core_fg),
         "foreground_precision": foreground_precision(core_nuclei, stained),
+        **NO_TEACHER,
+        "signal_autocorrelation": autocorr,
+    }
+    no_agreement = {"tp_50": 0, "fp_50": 0, "fn_50": 0, "n_gt": 0}
+    counts = tile_counts(core_nuclei, core_fg, stained, 0, 0, no_agreement, autocorr)
+    return TileAnalysis(record, objects, counts)
+
+
+def teach_tile(tile: TileView, reference: SlideReference, analysis: TileAnalysis, watch: Stopwatch) -> None:
+    """Run the weak LoG teacher on an analysed tile; fill its record's teacher fields and counts (in place).
+
+    Parameters
+    ----------
+    tile : TileView
+        The tile, read again with its halo.
+    reference : SlideReference
+    analysis : TileAnalysis
+        From `analyse_tile` on the same tile.
+    watch : Stopwatch
+        Receives the ``teacher`` and ``metrics`` seconds.
+    """
+    core = tile.core
+    with watch.stage("teacher"):
+        composite = nuclear_composite(tile.raw, reference.percentiles)
+        foreground = nuclear_foreground(composite, reference.foreground_threshold)
+        teacher = teacher_labels(tile.raw, foreground, reference.diameter, reference.percentiles, reference.pixel_size)
+    with watch.stage("metrics"):
+        agreement = teacher_agreement(tile.flat[core], teacher[core])
+        seeds = _seeds_in_core(teacher, core)
+        seeds_inside = int((tile.flat[seeds[:, 0], seeds[:, 1]] != 0).sum()) if len(seeds) else 0
+    analysis.record.update({
         "n_seeds": int(len(seeds)),
         "seed_recall": None if len(seeds) == 0 else seeds_inside / len(seeds),
         "teacher_nuclei": int(agreement["n_gt"]),
         "teacher_student_f1": float(agreement["f1_50"]),
-        "signal_autocorrelation": autocorr,
-    }
-    counts = tile_counts(core_nuclei, core_fg, stained, seeds_inside, len(seeds), agreement, autocorr)
-    return TileAnalysis(record, objects, counts)
+        "teacher_sampled": True,
+    })
+    analysis.counts.update({"seeds": int(len(seeds)), "seeds_in": seeds_inside, "tp": agreement["tp_50"],
+                            "fp": agreement["fp_50"], "fn": agreement["fn_50"], "teacher": agreement["n_gt"]})
+
+
+def provisional_score(analysis: TileAnalysis) -> float:
+    """A tile's QC score from the components known before the teacher runs (NaN: none known).
+
+    Foreground coverage and precision, mean detection score and mean head agreement (the
+    stratification key of the teacher's sample, `nuclei_app.qc.sampling`).
+    """
+    record, objects = analysis.record, analysis.objects
+    scores, agreements = objects["score"], objects["agreement"]
+    score = tile_qc_score({
+        "foreground_coverage": record["foreground_coverage"],
+        "foreground_precision": record["foreground_precision"],
+        "score_mean": float(np.nanmean(scores)) if np.isfinite(scores).any() else None,
+        "head_agreement_mean": float(np.nanmean(agreements)) if np.isfinite(agreements).any() else None,
+    })
+    return np.nan if score is None else score
+
+
+def teacher_sample(analyses: list[TileAnalysis], thresholds: QCThresholds) -> list[int]:
+    """Positions in ``analyses`` of the tiles the teacher runs on (`nuclei_app.qc.sampling`)."""
+    size = teacher_sample_size(len(analyses), thresholds.teacher_tiles_min, thresholds.teacher_tiles_share)
+    keys = np.asarray([provisional_score(analysis) for analysis in analyses], dtype=np.float64)
+    return [int(i) for i in stratified_sample(keys, size, thresholds.teacher_sample_seed)]
 
 
 def measure_tile_signal(tile: TileView, reference: SlideReference, totals: SignalCoverageTotals) -> dict[str, Any]:
@@ -1010,9 +1144,12 @@ class SlideAccumulators:
 
 def analyse_tiles(
     slide: Any, inputs: QCInputs, reference: SlideReference, predictor: Any,
-    boxes: list[tuple[int, int, int, int]], watch: Stopwatch, accumulators: SlideAccumulators | None = None,
+    boxes: list[tuple[int, int, int, int]], watch: Stopwatch, thresholds: QCThresholds = QCThresholds(),
+    accumulators: SlideAccumulators | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, float]]:
-    """Read and analyse every QC tile (memory: one tile with its halo at a time).
+    """Read and analyse every QC tile, then run the teacher on a sample of them.
+
+    Memory: one tile with its halo at a time (the sampled tiles are read a second time).
 
     Parameters
     ----------
@@ -1023,6 +1160,8 @@ def analyse_tiles(
     boxes : list of (int, int, int, int)
         The QC tile grid (`qc_tile_boxes`).
     watch : Stopwatch
+    thresholds : QCThresholds
+        The size and seed of the teacher's sample.
     accumulators : SlideAccumulators, optional
         Receives every tile (the thumbnail, the seed paper's sums: `measure_tile_signal`); the
         coverage fields join the analysed tiles' records.
@@ -1034,32 +1173,41 @@ def analyse_tiles(
     objects : dict of ndarray, each shape (n,)
         Every analysed nucleus (`OBJECT_COLUMNS`; ``tile`` indexes ``tiles``).
     pooled : dict
-        Sums of the tiles' `tile_counts`.
+        Sums of the tiles' `tile_counts` (the teacher's counts over its sample).
     """
-    tiles: list[dict[str, Any]] = []
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in OBJECT_COLUMNS}
-    pooled: dict[str, float] = dict.fromkeys(POOLED_COUNTS, 0)
+    analyses: list[TileAnalysis] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # weak labels on empty tiles warn
         for index, box in enumerate(boxes):
             with watch.stage("read"):
-                tile = read_tile(slide, inputs.source, index, box, reference)
-            if accumulators is not None:
+                empty = empty_tile_view(slide, inputs.source, index, box, reference)
+                tile = empty if empty is not None else read_tile(slide, inputs.source, index, box, reference)
+            if accumulators is not None:  # every tile, empty or not, counts in the thumbnail and coverage
                 with watch.stage("metrics"):
                     signal_fields = accumulators.add_tile(tile, reference)
-            analysis = analyse_tile(tile, reference, inputs.lookup, predictor, watch)
-            if analysis is None:
+            if empty is not None:
                 continue
-            if accumulators is not None:
-                analysis.record.update(signal_fields)
-            analysis.objects["tile"] = np.full(len(analysis.objects["area"]), len(tiles))
-            for name in OBJECT_COLUMNS:
-                columns[name].append(np.asarray(analysis.objects[name]))
-            for key in POOLED_COUNTS:
-                pooled[key] += analysis.counts[key]
-            tiles.append(analysis.record)
+            analysis = analyse_tile(tile, reference, inputs.lookup, predictor, watch)
+            if analysis is not None:
+                if accumulators is not None:
+                    analysis.record.update(signal_fields)
+                analyses.append(analysis)
+        for position in teacher_sample(analyses, thresholds):
+            analysis = analyses[position]
+            with watch.stage("read"):
+                tile = read_tile(slide, inputs.source, analysis.record["index"], boxes[analysis.record["index"]],
+                                 reference)
+            teach_tile(tile, reference, analysis, watch)
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in OBJECT_COLUMNS}
+    pooled: dict[str, float] = dict.fromkeys(POOLED_COUNTS, 0)
+    for position, analysis in enumerate(analyses):
+        analysis.objects["tile"] = np.full(len(analysis.objects["area"]), position)
+        for name in OBJECT_COLUMNS:
+            columns[name].append(np.asarray(analysis.objects[name]))
+        for key in POOLED_COUNTS:
+            pooled[key] += analysis.counts[key]
     objects = {name: (np.concatenate(values) if values else np.zeros(0)) for name, values in columns.items()}
-    return tiles, objects, pooled
+    return [analysis.record for analysis in analyses], objects, pooled
 
 
 # ------------------------------------------------------------------------- the slide
@@ -1068,8 +1216,13 @@ def analyse_tiles(
 def finish_tile_records(
     tiles: list[dict[str, Any]], objects: dict[str, np.ndarray], outlier_flags: dict[str, np.ndarray] | None,
     interior: np.ndarray, seams_known: bool, thresholds: QCThresholds,
+    teacher_fill: dict[str, float | None] | None = None,
 ) -> None:
     """Add to each tile record its nuclei's `object_summary`, QC score, flag and reasons (in place).
+
+    A tile outside the teacher's sample scores its teacher components (``teacher_student_f1``,
+    ``seed_recall``) at ``teacher_fill`` (the slide's values pooled over the sample), so that
+    its QC score has the same weights as a sampled tile's; without it, at none.
 
     Parameters
     ----------
@@ -1083,11 +1236,16 @@ def finish_tile_records(
     seams_known : bool
     thresholds : QCThresholds
         ``flag_tile_score_below`` and the warn thresholds (reasons).
+    teacher_fill : dict of float or None, optional
+        ``teacher_student_f1`` and ``seed_recall`` for the tiles the teacher did not run on.
     """
     tile_of = objects["tile"].astype(np.int64)
     for t, record in enumerate(tiles):
         record.update(object_summary(objects, tile_of == t, interior, outlier_flags, seams_known))
-        record["qc_score"] = tile_qc_score(quality_components(record))
+        components = quality_components(record)
+        if teacher_fill and not record.get("teacher_sampled", True):
+            components.update({name: teacher_fill.get(name) for name in ("teacher_student_f1", "seed_recall")})
+        record["qc_score"] = tile_qc_score(components)
         record["flagged"] = record["qc_score"] is not None and record["qc_score"] < thresholds.flag_tile_score_below
         record["flag_reasons"] = tile_reasons(record, thresholds) if record["flagged"] else []
 
@@ -1381,7 +1539,7 @@ def model_provenance(predictor: Any, model_dir: str | Path | None, run_record: d
 
 def qc_parameters(
     reference: SlideReference, thresholds: QCThresholds, scores_from: str | None,
-    morphology_reference: dict[str, float] | None,
+    morphology_reference: dict[str, float] | None, teacher_tiles: list[int] | None = None,
 ) -> dict[str, Any]:
     """The report's ``provenance.parameters``: thresholds and what was derived from the slide.
 
@@ -1389,14 +1547,17 @@ def qc_parameters(
     ----------
     reference : SlideReference
     thresholds : QCThresholds
-    scores_from : {"model", "table"} or None
+    scores_from : {"model", "segmentation", "table"} or None
     morphology_reference : dict of float or None
         Medians and spreads of `judge_morphology`.
+    teacher_tiles : list of int, optional
+        Grid indices of the tiles the teacher ran on (`teacher_sample`).
 
     Returns
     -------
     dict
     """
+    teacher_tiles = list(teacher_tiles or [])
     return {
         "thresholds": thresholds.to_dict(),
         "qc_score_weights": dict(QC_SCORE_WEIGHTS),
@@ -1407,6 +1568,12 @@ def qc_parameters(
         "nucleus_diameter_px": format_number(reference.diameter),
         "halo_px": reference.halo,
         "teacher": "log",
+        "teacher_sample": {
+            "n_tiles": len(teacher_tiles),
+            "tile_indices": teacher_tiles,
+            "stratified_by": "provisional_qc_score",
+            "seed": thresholds.teacher_sample_seed,
+        },
         "scores_from": scores_from,
         "seam_lines_from": reference.seam_source,
         "seam_stride_px": reference.seam_stride,
@@ -1502,7 +1669,8 @@ def compute_qc(
         The slide the labels were made from (OME-TIFF, TIFF, OME-Zarr).
     model_dir : path, optional
         Model folder: its heads are run on every tile to recompute per-nucleus scores and
-        head agreement (otherwise they come from the nuclei table, when one is found).
+        head agreement (otherwise they come from the store's scores sidecar or the nuclei
+        table, when there is one). `nuclei_app.workflows.segment_then_qc` gives none.
     thresholds : QCThresholds, optional
         Grid, outlier rule and status thresholds (defaults when absent).
     table_path : path, optional
@@ -1543,13 +1711,15 @@ def compute_qc(
         watch.seconds["prepare"] = time.monotonic() - watch.started
         boxes = qc_tile_boxes(reference.shape, thresholds.tile_size_px)
         accumulators = SlideAccumulators.for_slide(reference)
-        tiles, objects, pooled = analyse_tiles(slide, inputs, reference, predictor, boxes, watch, accumulators)
+        tiles, objects, pooled = analyse_tiles(slide, inputs, reference, predictor, boxes, watch, thresholds,
+                                               accumulators)
 
     with watch.stage("metrics"):
         outlier_flags, morphology_reference, interior = judge_morphology(
             objects, thresholds.morphology_k, thresholds.min_nuclei_for_statistics
         )
-        finish_tile_records(tiles, objects, outlier_flags, interior, reference.seams is not None, thresholds)
+        finish_tile_records(tiles, objects, outlier_flags, interior, reference.seams is not None, thresholds,
+                            pooled_pixel_metrics(pooled, len(tiles)))
         seed_paper_tile_clumps(tiles, accumulators.signal, reference.shape[1])
         metrics = slide_metrics(len(boxes), tiles, objects, pooled, outlier_flags, interior, reference,
                                 len(inputs.source.layers) or None, accumulators.signal)
@@ -1560,10 +1730,11 @@ def compute_qc(
             inputs, tiles, reference, thresholds, accumulators.thumbnail, overlay_prefix)
 
     with watch.stage("provenance"):
-        scores_from = "model" if predictor is not None else ("table" if inputs.lookup is not None else None)
+        scores_from = "model" if predictor is not None else inputs.scores_from
         provenance = qc_provenance(
             inputs, model_provenance(predictor, model_dir, inputs.run_record), inputs.run_record,
-            qc_parameters(reference, thresholds, scores_from, morphology_reference) | seed_paper_parameters(seed),
+            qc_parameters(reference, thresholds, scores_from, morphology_reference,
+                          [t["index"] for t in tiles if t["teacher_sampled"]]) | seed_paper_parameters(seed),
         )
     report = {
         "schema_version": SCHEMA_VERSION,

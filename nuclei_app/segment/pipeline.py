@@ -6,7 +6,11 @@ Data flow of `segment_slide`::
       ─► tile grid (cores = output chunks) ─► batches of tissue tiles ─► predictor
       (in-process | dask.distributed) ─► per-tile candidates cached in the work dir
       ─► stitch in raster order (de-duplicate, ids, overlap layers) ─► table rows
-      ─► label chunks + image chunks + pyramids ─► completion record ─► rename
+      ─► label chunks + image chunks + pyramids ─► scores sidecar ─► completion record ─► rename
+
+Whatever the options, the store keeps each nucleus's detection score, head agreement and
+overlap count in ``nuclei-app_scores.tsv`` (`nuclei_app.io.tables.SCORES_NAME`): the
+self-diagnosis reads them there instead of running the model a second time.
 
 Memory is bounded by a few tiles: tiles are read lazily, candidates are kept as cropped
 masks and re-read from the cache, and every output array is written chunk by chunk.
@@ -48,7 +52,7 @@ from nuclei_app.errors import (
 from nuclei_app.io.ngff import FLAT_LABEL_NAME, layer_label_name
 from nuclei_app.io.ome_zarr import SegmentationZarrWriter
 from nuclei_app.io.slides import channel_percentiles, open_slide, tissue_overview
-from nuclei_app.io.tables import GeoJSONWriter, NucleiTableWriter
+from nuclei_app.io.tables import SCORES_NAME, GeoJSONWriter, NucleiTableWriter, NucleusScoresWriter
 from nuclei_app.progress import get_logger, progress_reporter
 from nuclei_app.provenance import path_sha256
 from nuclei_app.segment.executors import DaskCluster, dask_cluster, run_jobs
@@ -537,6 +541,7 @@ def _write_outputs(
     stitcher = SlideStitcher(grid.n_rows, grid.n_cols, _cached_tile_loader(plan.tissue, cache_dir))
     table: NucleiTableWriter | None = None
     geojson: GeoJSONWriter | None = None
+    scores = NucleusScoresWriter(cache_dir / SCORES_NAME)
     try:
         if request.table_path:
             table = NucleiTableWriter(request.table_path, slide.channel_names, slide.pixel_size_um)
@@ -544,20 +549,22 @@ def _write_outputs(
                    if request.geojson_path else None)
         with progress_reporter(len(grid), "stitching", enabled=progress, logger=log) as bar:
             for stitched in stitcher.run():
-                for writer in (table, geojson):
+                for writer in (scores, table, geojson):
                     if writer is not None:
                         writer.write_tile(stitched)
                 bar.advance()
         n_layers = max(1, stitcher.n_layers)
         with atomic_directory(request.output_path) as temporary:
             _write_store(temporary, slide, plan, stitcher, n_layers, progress)
+            scores.close()
+            shutil.move(str(scores.path), str(temporary / SCORES_NAME))
             for writer in (table, geojson):
                 if writer is not None:
                     writer.close()
             outcome = _result(plan, request, reused, stitcher.n_instances, n_layers)
             write_run_record(temporary, outcome, inputs, parameters, request.config.to_dict())
     except BaseException:
-        for writer in (table, geojson):
+        for writer in (scores, table, geojson):
             if writer is not None:
                 writer.discard()
         raise
