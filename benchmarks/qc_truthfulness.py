@@ -58,7 +58,7 @@ from nuclei_app.core.weak import estimate_nucleus_diameter
 from nuclei_app.core.intensity import nuclear_composite
 
 COMPONENTS = ("teacher_student_f1", "seed_recall", "foreground_coverage", "foreground_precision", "score_mean",
-              "head_agreement_mean", "morphology_outlier_share", "qc_score")
+              "head_agreement_mean", "morphology_outlier_share", "signal_coverage", "clump_share", "qc_score")
 EXPECTED = {
     "zero_step_model": {"no_nuclei", "low_foreground_coverage", "low_seed_recall", "low_teacher_agreement",
                         "low_detection_scores", "low_foreground_precision"},

@@ -744,6 +744,12 @@ def qc_tile_boxes(shape: tuple[int, int], tile_size: int) -> list[tuple[int, int
     ]
 
 
+def grown_box(box: tuple[int, int, int, int], margin: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` (y0, x0, y1, x1) grown by ``margin`` pixels on every side, clipped to a slide of ``shape``."""
+    y0, x0, y1, x1 = box
+    return max(0, y0 - margin), max(0, x0 - margin), min(shape[0], y1 + margin), min(shape[1], x1 + margin)
+
+
 def read_tile(slide: Any, source: LabelSource, index: int, box: tuple[int, int, int, int],
               reference: SlideReference) -> TileView:
     """Read one QC tile of the slide and of the segmentation, with the reference's halo.
@@ -763,10 +769,7 @@ def read_tile(slide: Any, source: LabelSource, index: int, box: tuple[int, int, 
     -------
     TileView
     """
-    y0, x0, y1, x1 = box
-    height, width = reference.shape
-    halo = reference.halo
-    hy0, hx0, hy1, hx1 = max(0, y0 - halo), max(0, x0 - halo), min(height, y1 + halo), min(width, x1 + halo)
+    hy0, hx0, hy1, hx1 = grown_box(box, reference.halo, reference.shape)
     raw = slide.read_region(hy0, hx0, hy1 - hy0, hx1 - hx0, channels=reference.channels)
     flat = source.read(source.flat, hy0, hx0, hy1, hx1)
     layers = [source.read(layer, hy0, hx0, hy1, hx1) for layer in source.layers]
@@ -803,9 +806,7 @@ def empty_tile_view(slide: Any, source: LabelSource, index: int, box: tuple[int,
     TileView or None
     """
     y0, x0, y1, x1 = box
-    height, width = reference.shape
-    margin = EMPTY_CHECK_MARGIN_PX
-    wy0, wx0, wy1, wx1 = max(0, y0 - margin), max(0, x0 - margin), min(height, y1 + margin), min(width, x1 + margin)
+    wy0, wx0, wy1, wx1 = grown_box(box, EMPTY_CHECK_MARGIN_PX, reference.shape)
     flat = source.read(source.flat, wy0, wx0, wy1, wx1)
     if flat[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0].any():
         return None
@@ -1668,9 +1669,8 @@ def compute_qc(
     image_path : path
         The slide the labels were made from (OME-TIFF, TIFF, OME-Zarr).
     model_dir : path, optional
-        Model folder: its heads are run on every tile to recompute per-nucleus scores and
-        head agreement (otherwise they come from the store's scores sidecar or the nuclei
-        table, when there is one). `nuclei_app.workflows.segment_then_qc` gives none.
+        Model folder whose heads rescore every nucleus on every tile (otherwise scores come from
+        the store's scores sidecar or the nuclei table); `segment_then_qc` gives none.
     thresholds : QCThresholds, optional
         Grid, outlier rule and status thresholds (defaults when absent).
     table_path : path, optional
@@ -1704,9 +1704,8 @@ def compute_qc(
     inputs = open_qc_inputs(labels_path, image_path, table_path, model_dir)
     with open_slide(inputs.image_path) as slide:
         _check_same_shape(slide, inputs)
-        predictor, channels = _open_model_and_channels(
-            slide, inputs, model_dir, device, score_threshold, nuclear_channels
-        )
+        predictor, channels = _open_model_and_channels(slide, inputs, model_dir, device, score_threshold,
+                                                       nuclear_channels)
         reference = slide_reference(slide, channels, thresholds, inputs.run_record, seed)
         watch.seconds["prepare"] = time.monotonic() - watch.started
         boxes = qc_tile_boxes(reference.shape, thresholds.tile_size_px)
@@ -1715,9 +1714,8 @@ def compute_qc(
                                                accumulators)
 
     with watch.stage("metrics"):
-        outlier_flags, morphology_reference, interior = judge_morphology(
-            objects, thresholds.morphology_k, thresholds.min_nuclei_for_statistics
-        )
+        outlier_flags, morphology_reference, interior = judge_morphology(objects, thresholds.morphology_k,
+                                                                         thresholds.min_nuclei_for_statistics)
         finish_tile_records(tiles, objects, outlier_flags, interior, reference.seams is not None, thresholds,
                             pooled_pixel_metrics(pooled, len(tiles)))
         seed_paper_tile_clumps(tiles, accumulators.signal, reference.shape[1])
