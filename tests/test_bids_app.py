@@ -112,6 +112,17 @@ def test_participant_rerun_resumes_finished_slides(derivatives, sample, run_cli)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.count("(reused)") == 2
     assert sidecar.stat().st_mtime_ns == before
+    # A QC report written by older code (a field the group level now needs is missing) is not
+    # reused: that slide is redone, the other still reused.
+    qc_b = output / "sub-01" / "ses-02" / "micr" / "sub-01_ses-02_sample-B_desc-nuclei_qc.json"
+    report = _load(qc_b)
+    del report["pictures"]
+    qc_b.write_text(json.dumps(report))
+    result = run_cli("run", sample.bids_dir, output, "participant", "--participant-label", "01",
+                     "--skip-bids-validation", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("(reused)") == 1
+    assert "pictures" in _load(qc_b) and sidecar.stat().st_mtime_ns == before
 
 
 def test_group_level_aggregates_with_config_file_and_cli_override(derivatives, sample, run_cli, tmp_path):

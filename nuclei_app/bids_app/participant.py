@@ -26,6 +26,7 @@ from nuclei_app.config import RunConfig
 from nuclei_app.errors import ExitCode, NucleiAppError
 from nuclei_app.progress import get_logger
 from nuclei_app.provenance import utc_timestamp
+from nuclei_app.qc.group_report import read_qc_report
 from nuclei_app.schemas import validate_instance
 from nuclei_app.segment.executors import DaskCluster, dask_cluster
 from nuclei_app.segment.predictors import PredictorSpec
@@ -97,7 +98,11 @@ def log_to_file(path: Path) -> Iterator[Path]:
 
 
 def _slide_complete(paths: DerivativePaths, resume_key: str) -> dict[str, Any] | None:
+    """The slide's sidecar when its derivatives are complete and current, else None (redo it).
 
+    Current includes a QC report the group level can read: one written before the report
+    gained fields (same app version, older code) is redone rather than reused.
+    """
     try:
         sidecar = json.loads(paths.sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -106,7 +111,13 @@ def _slide_complete(paths: DerivativePaths, resume_key: str) -> dict[str, Any] |
         isinstance(sidecar, dict) and sidecar.get("ResumeKey") == resume_key
         and (paths.store / RUN_RECORD_NAME).is_file() and paths.table.is_file() and paths.qc.is_file()
     )
-    return sidecar if complete else None
+    if not complete:
+        return None
+    try:
+        read_qc_report(paths.qc)
+    except NucleiAppError:
+        return None
+    return sidecar
 
 
 def slide_parameters(config: RunConfig) -> dict[str, Any]:
