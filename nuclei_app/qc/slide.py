@@ -789,17 +789,7 @@ def empty_tile_view(slide: Any, source: LabelSource, index: int, box: tuple[int,
     nucleus, the image on the same window: the decision is exactly `analyse_tile`'s, while a
     sparse slide's many empty tiles cost a fraction of a full `read_tile`. The view (no layers,
     ``EMPTY_CHECK_MARGIN_PX`` instead of the halo) still serves the thumbnail and the signal
-    coverage of the tile (`SlideAccumulators.add_tile`).
-
-    Parameters
-    ----------
-    slide : nuclei_app.io.slides.Slide
-    source : LabelSource
-    index : int
-        Position in the QC grid.
-    box : (int, int, int, int)
-        (y0, x0, y1, x1) of the tile, slide pixels.
-    reference : SlideReference
+    coverage of the tile (`SlideAccumulators.add_tile`). Parameters as `read_tile`'s.
 
     Returns
     -------
