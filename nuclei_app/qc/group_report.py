@@ -37,6 +37,7 @@ from nuclei_app.core.intensity import robust_z_scores
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError, NothingSelectedError
 from nuclei_app.provenance import utc_timestamp
 from nuclei_app.qc.slide import QC_SUFFIX, check_built_report
+from nuclei_app.qc.summary import format_metric
 from nuclei_app.schemas import load_schema, validate_instance
 
 
@@ -287,15 +288,6 @@ window.addEventListener('load', function () {
 """
 
 
-def _format(value: Any) -> str:
-    """A metric for the HTML table: ``n/a`` for None, floats to 3 decimals (or none from 1000)."""
-    if value is None:
-        return MISSING
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
 def _slides_table_html(summary: dict[str, Any], descriptions: dict[str, str]) -> list[str]:
     """HTML lines of the per-slide table: status, reasons and every group metric (outlier cells marked)."""
     escape = html.escape
@@ -316,7 +308,7 @@ def _slides_table_html(summary: dict[str, Any], descriptions: dict[str, str]) ->
             z = slide["robust_z"].get(metric)
             title = f' title="robust z = {z:.2f}"' if z is not None else ""
             css = ' class="outlier"' if flagged else ""
-            out.append(f"<td{css}{title}>{escape(_format(slide['metrics'].get(metric)))}</td>")
+            out.append(f"<td{css}{title}>{escape(format_metric(slide['metrics'].get(metric)))}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
     return out
@@ -330,7 +322,7 @@ def _figure_html(report_path: Path, entry: dict[str, Any], name: str) -> str | N
     caption = (f"#{entry['rank']}: y {entry['y0']}, x {entry['x0']} px"
                + (f" ({entry['y0_um']:.1f}, {entry['x0_um']:.1f} µm)" if entry.get("y0_um") is not None else "")
                + f", {entry['height']}&times;{entry['width']} px, QC score "
-               + _format(entry["qc_score"]) + (": " + ", ".join(entry["reasons"]) if entry["reasons"] else ""))
+               + format_metric(entry["qc_score"]) + (": " + ", ".join(entry["reasons"]) if entry["reasons"] else ""))
     return (
         f'<figure><img src="{uri}" alt="tile y{entry["y0"]} x{entry["x0"]} of {html.escape(name)}">'
         f"<figcaption>{caption}</figcaption></figure>"
@@ -349,7 +341,7 @@ def _tile_picture_html(report_path: Path, entry: dict[str, Any] | None, what: st
     return (
         f'<figure><img src="{uri}" alt="{what} tile of {html.escape(name)}"><figcaption><span class="{css}">'
         f"{what.capitalize()} tile</span>: y {entry['y0']}, x {entry['x0']} px, {entry['height']}&times;"
-        f"{entry['width']} px, QC score {_format(entry['qc_score'])}{': ' + html.escape(reasons) if reasons else ''}"
+        f"{entry['width']} px, QC score {format_metric(entry['qc_score'])}{': ' + html.escape(reasons) if reasons else ''}"
         "</figcaption></figure>"
     )
 
@@ -364,7 +356,7 @@ def _slide_pictures_html(report_path: Path, report: dict[str, Any], name: str) -
         figures.append(
             f'<figure class="thumb"><img src="{thumbnail}" alt="thumbnail of {html.escape(name)}"><figcaption>'
             f"Whole slide (1:{pictures['thumbnail_downsample']}), tiles tinted by QC score; "
-            f"signal coverage {_format(slide.get('signal_coverage'))}, {slide.get('clump_count', MISSING)} clump(s)."
+            f"signal coverage {format_metric(slide.get('signal_coverage'))}, {slide.get('clump_count', MISSING)} clump(s)."
             "</figcaption></figure>"
         )
     for what in ("worst", "median"):
@@ -437,10 +429,10 @@ def strip_plot_svg(metric: str, slides: list[dict[str, Any]], better: str) -> st
         y = 24 + ((index * 7) % 5 - 2) * 3  # a little deterministic jitter, so equal values stay visible
         style = 'r="5" fill="#c00" stroke="#000"' if outlier else 'r="3.5" fill="#3a6ea5" fill-opacity=".8"'
         out.append(f'<a href="#slide-{html.escape(name)}"><circle cx="{x_of(value):.1f}" cy="{y}" {style}>'
-                   f"<title>{html.escape(name)}: {_format(value)}{' (outlier)' if outlier else ''}</title>"
+                   f"<title>{html.escape(name)}: {format_metric(value)}{' (outlier)' if outlier else ''}</title>"
                    "</circle></a>")
-    out.append(f'<text x="{margin}" y="50" font-size="10" fill="#333">{_format(low)}</text>')
-    out.append(f'<text x="{width - margin}" y="50" font-size="10" fill="#333" text-anchor="end">{_format(high)}</text>')
+    out.append(f'<text x="{margin}" y="50" font-size="10" fill="#333">{format_metric(low)}</text>')
+    out.append(f'<text x="{width - margin}" y="50" font-size="10" fill="#333" text-anchor="end">{format_metric(high)}</text>')
     out.append(f'<text x="{width / 2:.0f}" y="50" font-size="10" fill="#777" text-anchor="middle">'
                f"{'higher is better' if better == 'higher' else 'lower is better' if better == 'lower' else ''}</text>")
     out.append("</svg>")

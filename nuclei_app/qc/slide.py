@@ -238,8 +238,9 @@ def open_qc_inputs(
     if table_path is not None and not table_file.is_file():
         raise MissingInputError("nuclei table not found; give the TSV written by segment", table_file)
     scores_from = "table"
-    if table_file is None and find_segmentation_scores(source.store) is not None:
-        table_file, scores_from = find_segmentation_scores(source.store), "segmentation"
+    sidecar = find_segmentation_scores(source.store) if table_file is None else None
+    if sidecar is not None:
+        table_file, scores_from = sidecar, "segmentation"
     if table_file is None or model_dir is not None:
         return QCInputs(labels_path, image_path, source, run_record, table_file, None, None)
     return QCInputs(labels_path, image_path, source, run_record, table_file, _ObjectLookup.from_table(table_file),

@@ -12,11 +12,14 @@ from typing import Any
 WORST_TILES_SHOWN = 3
 
 
-def _number(value: Any, digits: int = 3) -> str:
-    """``n/a`` for None, else the value with ``digits`` decimals (ints as they are)."""
+def format_metric(value: Any) -> str:
+    """A QC metric for people (summary, report.html): ``n/a`` for None, floats to 3 decimals
+    (none from 1000 on), anything else as it is."""
     if value is None:
         return "n/a"
-    return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
 
 
 def worst_tiles(report: dict[str, Any], count: int = WORST_TILES_SHOWN) -> list[dict[str, Any]]:
@@ -42,9 +45,9 @@ def _coverage_text(slide: dict[str, Any], channels: list[str]) -> str:
     if "signal_coverage" not in slide:
         return "n/a (report written before nuclei-app measured it)"
     by_radius = slide.get("signal_coverage_by_dilation") or {}
-    dilated = ", ".join(_number(by_radius.get(str(r))) for r in range(1, 5))
+    dilated = ", ".join(format_metric(by_radius.get(str(r))) for r in range(1, 5))
     noise = ", ".join(f"{name} {value:g}" for name, value in zip(channels, slide.get("noise_threshold") or []))
-    return f"{_number(coverage)} (dilated 1-4 px: {dilated}; noise threshold {noise or 'n/a'})"
+    return f"{format_metric(coverage)} (dilated 1-4 px: {dilated}; noise threshold {noise or 'n/a'})"
 
 
 def summary_rows(report: dict[str, Any], count: int = WORST_TILES_SHOWN) -> list[tuple[str, str]]:
@@ -69,11 +72,11 @@ def summary_rows(report: dict[str, Any], count: int = WORST_TILES_SHOWN) -> list
     channels = list(report["provenance"]["parameters"].get("nuclear_channels", []))
     rows.append(("signal coverage", _coverage_text(slide, channels)))
     if "clump_count" in slide:
-        rows.append(("clumps", f"{slide['clump_count']} ({_number(slide.get('clump_share'))} per nucleus)"))
+        rows.append(("clumps", f"{slide['clump_count']} ({format_metric(slide.get('clump_share'))} per nucleus)"))
     for rank, tile in enumerate(worst_tiles(report, count), start=1):
         reasons = ", ".join(tile.get("flag_reasons") or []) or ("flagged" if tile.get("flagged") else "not flagged")
         rows.append((f"worst tile {rank}", f"y {tile['y0']}, x {tile['x0']} ({tile['height']}x{tile['width']} px): "
-                                           f"QC score {_number(tile['qc_score'])} ({reasons})"))
+                                           f"QC score {format_metric(tile['qc_score'])} ({reasons})"))
     return rows
 
 
