@@ -172,7 +172,7 @@ class _ModelFolderWriter:
         threshold_choice = choose_score_threshold(model, self.images, self.device)
         say(f"score threshold {threshold_choice['score_threshold']:.2f} "
             f"(F1 {max(threshold_choice['f1_vs_pseudo_labels']):.3f} against the pseudo-labels)")
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # saved at once: no copy
         card = build_model_card(model, self.images, self.channel_names, self.provenance, self.config, self.device,
                                 threshold_choice, weights_sha256(state), seconds=time.time() - self.started,
                                 timed_out=timed_out, human_labels_used=self.human_labels_used)
@@ -260,6 +260,7 @@ def _self_train(
                              round_timed_out)
         if evaluation is not None:
             hook_started = time.monotonic()
+
             def snapshot(target: str | Path, rounds: list[dict] = rounds_report + [entry]) -> TrainingResult:
                 was_training = model.training  # choosing the cut-off predicts in eval mode
                 try:
