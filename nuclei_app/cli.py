@@ -240,7 +240,7 @@ def segment_command(
     geojson: Optional[Path] = typer.Option(None, "--geojson", help="Nucleus polygons as GeoJSON (QuPath detections)."),
     tile: int = typer.Option(SEGMENT.tile, help="Tile side in pixels (at least 64)."),
     overlap: int = typer.Option(
-        SEGMENT.overlap, help="Tile overlap in pixels: 0 or more, below half the tile, more than the largest nucleus."
+        SEGMENT.overlap, help="Tile overlap in pixels: 0 or more, below half the tile (both grow on slides with bigger nuclei)."
     ),
     batch_size: int = typer.Option(SEGMENT.batch_size, "--batch-size", help="Tiles per predictor call and per parallel task."),
     device: str = typer.Option(SEGMENT.device, help="auto, cpu or cuda (model only)."),

@@ -317,12 +317,14 @@ class SegmentConfig:
     Tile geometry (the one rule both commands apply): ``tile`` is at least 64 pixels and
     ``overlap`` is 0 or more and below half the tile. Cores (and output chunks) are then
     ``tile - overlap`` pixels, wider than the overlap, so a tile's window never reaches
-    the core of the tile two away. The overlap should exceed the largest nucleus.
+    the core of the tile two away. The overlap should exceed the largest nucleus: on a slide
+    whose nuclei are too big for it (63x) both grow to fit them
+    (`nuclei_app.core.tiling.fit_tiles_to_nuclei`), and the run record holds what was used.
 
     Attributes
     ----------
     tile, overlap : int
-        Tile side and overlap between neighbouring tiles, level-0 pixels.
+        Tile side and overlap between neighbouring tiles, level-0 pixels (at least these).
     batch_size : int
         Tiles per predictor call and per parallel task.
     device : {"auto", "cpu", "cuda"}

@@ -11,6 +11,7 @@ The settings a user gives (which tile and overlap are accepted) are validated by
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from nuclei_app.core.stitching import Box
@@ -160,6 +161,44 @@ def make_tile_grid(shape_yx: tuple[int, int], tile: int = 512, overlap: int = 64
         row_edges=axis_edges(height, tile - overlap, overlap),
         col_edges=axis_edges(width, tile - overlap, overlap),
     )
+
+
+#: The overlap `fit_tiles_to_nuclei` keeps, in typical nucleus diameters: a window reaches
+#: half the overlap past its core, so a nucleus centred on the core's edge fits in the window
+#: while it is at most this many typical diameters wide (large nuclei run about 1.5x the median).
+OVERLAP_IN_DIAMETERS = 2.0
+
+#: ... and the tile side at least this many overlaps, so cores stay most of every window.
+TILE_IN_OVERLAPS = 4
+
+
+def fit_tiles_to_nuclei(tile: int, overlap: int, diameter_px: float | None) -> tuple[int, int]:
+    """The tile side and overlap to segment with, grown where nuclei are too big for them.
+
+    A nucleus is kept by the tile whose core holds its centre, so the window must reach
+    past the core by more than the nucleus' radius; otherwise nuclei on seams are cut. On
+    a 63x slide nuclei are 80-150 px wide, far more than a 64-px default overlap: there the
+    overlap grows to `OVERLAP_IN_DIAMETERS` diameters (rounded up to 16 px) and the tile to
+    `TILE_IN_OVERLAPS` overlaps. Settings that already fit are returned unchanged.
+
+    Parameters
+    ----------
+    tile, overlap : int
+        The requested tile side and overlap, level-0 pixels.
+    diameter_px : float or None
+        Typical nucleus diameter in level-0 pixels (None: unknown, nothing changes).
+
+    Returns
+    -------
+    (int, int)
+        ``(tile, overlap)`` to build the grid with (`make_tile_grid`).
+    """
+    if not diameter_px or diameter_px <= 0:
+        return int(tile), int(overlap)
+    needed = 16 * math.ceil(OVERLAP_IN_DIAMETERS * float(diameter_px) / 16)
+    if overlap >= needed:
+        return int(tile), int(overlap)
+    return max(int(tile), TILE_IN_OVERLAPS * needed), needed
 
 
 # ======================================================================================

@@ -36,12 +36,6 @@ class NucleiPredictor:
         return self.model.preset.canonical_diameter / self.scale
 
     @property
-    def max_object_px(self) -> float:
-        """Largest nucleus the model can output, in tile pixels (for choosing the tile overlap)."""
-        largest_anchor = max(max(sizes) for sizes in self.model.preset.anchor_sizes)
-        return 2.0 * largest_anchor / self.scale
-
-    @property
     def tile_origin_quantum_px(self) -> int:
         """Tile origins that are multiples of this many tile pixels land on the model's coarsest
         feature grid after resizing, so a nucleus is seen with the same feature-grid phase in

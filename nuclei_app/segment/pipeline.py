@@ -38,7 +38,7 @@ from nuclei_app.atomic import atomic_directory, atomic_write_bytes
 from nuclei_app.config import OUTLINE_CONTRAST_FRACTION, SegmentConfig
 from nuclei_app.core.channels import select_nuclear_channels
 from nuclei_app.core.stitching import SlideStitcher, TileCandidates, paint_region
-from nuclei_app.core.tiling import TileGrid, align_window, make_tile_grid
+from nuclei_app.core.tiling import TileGrid, align_window, fit_tiles_to_nuclei, make_tile_grid
 from nuclei_app.core.tissue import tissue_tiles
 from nuclei_app.errors import (
     BadDataError,
@@ -297,26 +297,37 @@ def _check_request(request: _Request) -> None:
 
 
 def _plan_slide(slide: Any, request: _Request) -> _SlidePlan:
-    """Grid, nuclear channels, whole-slide percentiles, tissue tiles and the slide's nucleus scale."""
+    """Grid, nuclear channels, whole-slide percentiles, tissue tiles and the slide's nucleus scale.
+
+    The grid is laid twice when the slide's nuclei turn out too big for the requested
+    overlap: once to find the tissue the nuclei are measured on, once grown to fit them
+    (`nuclei_app.core.tiling.fit_tiles_to_nuclei`); the run record holds the grid used.
+    """
     config = request.config
     _, height, width = slide.shape
     grid = make_tile_grid((height, width), config.tile, config.overlap)
     predictor = _predictor(request.spec, slide, config)
     channels = resolve_channels(slide, predictor, config.nuclear_channels)
-    largest = getattr(predictor, "max_object_px", None)
-    if largest is not None and config.overlap < 0.5 * float(largest):
-        log.warning("the overlap (%d px) is small next to the largest nucleus the model can output", config.overlap)
     percentiles = channel_percentiles(slide, channels)
-    tissue = tissue_tiles(*tissue_overview(slide, channels, percentiles), grid)
+    overview = tissue_overview(slide, channels, percentiles)
+    tissue = tissue_tiles(*overview, grid)
     tissue_positions = [position for position in grid.positions() if tissue[position]]
     spec, warnings = _settle_scale(slide, request.spec, predictor, channels, percentiles, grid, tissue_positions)
+    predictor = _predictor(spec, slide, config)
+    tile, overlap = fit_tiles_to_nuclei(config.tile, config.overlap, predictor.diameter_px)
+    if (tile, overlap) != (grid.tile, grid.overlap):
+        log.info("nuclei of %.0f px: tiles of %d px overlapping by %d px (asked: %d / %d)",
+                 predictor.diameter_px, tile, overlap, config.tile, config.overlap)
+        grid = make_tile_grid((height, width), tile, overlap)
+        tissue = tissue_tiles(*overview, grid)
+        tissue_positions = [position for position in grid.positions() if tissue[position]]
     if not tissue_positions:
         message = "no tissue found (the nuclear channels are blank or pure noise); the output has no nuclei"
         log.warning(message)
         warnings.append(message)
     return _SlidePlan(
         grid=grid, tissue=tissue, tissue_positions=tissue_positions, spec=spec,
-        predictor=_predictor(spec, slide, config), channels=channels,
+        predictor=predictor, channels=channels,
         channel_names=[slide.channel_names[i] for i in channels], percentiles=percentiles,
         pixel_size_um=slide.pixel_size_um, warnings=warnings,
     )

@@ -88,6 +88,11 @@ class WeakPredictor:
         self.pixel_size_um = pixel_size_um
         self.diameter = diameter
 
+    @property
+    def diameter_px(self) -> float | None:
+        """Typical nucleus diameter in tile pixels (None until the slide's is measured)."""
+        return self.diameter
+
     def predict_batch(self, tiles: list[np.ndarray]) -> list[Instances]:
         """Label each (C, H, W) float32 tile -> list of `Instances` over the tile."""
         results = []
