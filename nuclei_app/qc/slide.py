@@ -63,10 +63,10 @@ from nuclei_app.core.metrics import iou_matrix
 from nuclei_app.core.morphology import object_properties
 from nuclei_app.core.noise import NOISE_CROP_SIDE, NOISE_CROPS, NOISE_COMPONENTS, crop_origins, noise_threshold_of_sample
 from nuclei_app.core.tiling import make_tile_grid, qc_tile_edges
-from nuclei_app.core.weak import estimate_nucleus_diameter, weak_labels
+from nuclei_app.core.weak import weak_labels
 from nuclei_app.errors import BadDataError, CannotCreateOutputError, MissingInputError
 from nuclei_app.io.label_source import LabelSource, find_objects_table, find_segmentation_scores, open_label_source
-from nuclei_app.io.slides import channel_percentiles, open_slide
+from nuclei_app.io.slides import channel_percentiles, measure_nucleus_diameter, open_slide
 from nuclei_app.io.tables import read_nuclei_table
 from nuclei_app.provenance import path_sha256, utc_timestamp
 from nuclei_app.qc.metrics import (
@@ -497,6 +497,23 @@ def slide_noise_thresholds(slide: Any, channels: list[int], seed: int) -> np.nda
     return np.asarray([noise_threshold_of_sample(row) for row in pixels], dtype=np.float64)
 
 
+def _slide_diameter(slide: Any, channels: list[int], percentiles: np.ndarray, overview: np.ndarray, level: int,
+                    threshold: float, run_record: dict | None) -> float:
+    """The nucleus diameter (px) QC judges the slide at: the one its segmentation settled on.
+
+    A segmentation that measured the slide's nuclei recorded the size (``diameter_px`` of its
+    predictor); QC takes it rather than measuring again. Otherwise (a model that took its
+    scale from the pixel size, or labels from elsewhere) the slide is measured by the same
+    rule (`nuclei_app.io.slides.measure_nucleus_diameter`) around its most nucleus-rich area.
+    """
+    recorded = (((run_record or {}).get("parameters") or {}).get("predictor") or {}).get("diameter_px")
+    if recorded:
+        return float(recorded)
+    wy0, wx0, wh, ww = _diameter_window(slide, overview, level, threshold)
+    return float(measure_nucleus_diameter(slide, channels, percentiles, [(wy0, wx0, wy0 + wh, wx0 + ww)],
+                                          slide.pixel_size_um))
+
+
 def slide_reference(
     slide: Any, channels: list[int], thresholds: QCThresholds, run_record: dict | None, seed: int = 0
 ) -> SlideReference:
@@ -521,11 +538,7 @@ def slide_reference(
     percentiles = channel_percentiles(slide, channels)
     overview, overview_level = _overview(slide, channels, percentiles)
     threshold = otsu_threshold(overview)
-    wy0, wx0, wh, ww = _diameter_window(slide, overview, overview_level, threshold)
-    diameter = float(estimate_nucleus_diameter(
-        nuclear_composite(slide.read_region(wy0, wx0, wh, ww, channels=channels), percentiles),
-        slide.pixel_size_um,
-    ))
+    diameter = _slide_diameter(slide, channels, percentiles, overview, overview_level, threshold, run_record)
     seams, seam_source, seam_stride = _seam_lines((height, width), thresholds, run_record)
     return SlideReference(
         shape=(height, width),
