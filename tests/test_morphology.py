@@ -70,9 +70,11 @@ def test_shape_descriptors_are_scikit_image_regionprops():
         mask[rng.integers(0, 60, 5), rng.integers(0, 60, 5)] = False  # a few holes and notches
         region = max(regionprops(mask.astype(np.uint8)), key=lambda r: r.area)
         solidity, eccentricity = shape_descriptors(region.image)
-        assert solidity == region.solidity and eccentricity == region.eccentricity
+        # Same definitions, computed without a RegionProperties object: equal up to rounding.
+        assert solidity == pytest.approx(region.solidity, abs=1e-12)
+        assert eccentricity == pytest.approx(region.eccentricity, abs=1e-12)
         # Padding around the crop does not change them.
-        assert shape_descriptors(np.pad(region.image, 3)) == (solidity, eccentricity)
+        assert shape_descriptors(np.pad(region.image, 3)) == pytest.approx((solidity, eccentricity), abs=1e-12)
 
 
 def test_shape_descriptors_of_edge_cases():
