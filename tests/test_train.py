@@ -367,3 +367,75 @@ def test_mixed_magnifications_are_each_trained_and_segmented_at_their_own_nucleu
                       SegmentConfig(device="cpu"), progress=False)
         diameters.append(json.loads((out / "nuclei-app_run.json").read_text())["parameters"]["predictor"]["diameter_px"])
     assert diameters[1] / diameters[0] == pytest.approx(2.5, rel=0.2)
+
+
+# ----------------------------------------------------------------------------- teachers' clumps
+
+
+def test_a_probable_clump_loses_its_confidence_and_single_nuclei_keep_theirs():
+    from nuclei_app.train.pseudo_labels import CLUMP_AREA_RATIO, distrust_clumps
+
+    shape = (64, 200)
+    singles = [((16, 16 + 30 * k), 7) for k in range(6)]
+    labels = _labels(shape, singles)
+    labels[_disk(shape, (48, 30), 7) | _disk(shape, (48, 43), 7) | _disk(shape, (48, 56), 7)] = 7  # one object
+    config = TrainingConfig()
+    confidence = distrust_clumps(labels, _confident(7, 0.9), config)
+    areas = np.bincount(labels.ravel())[1:]
+    assert areas[6] > CLUMP_AREA_RATIO * np.median(areas)
+    assert confidence[7] < config.min_teacher_confidence  # taught as "ignore", not one nucleus
+    assert np.all(confidence[1:7] == np.float32(0.9))
+    # Too few objects for a typical size: nothing is judged.
+    few = _labels(shape, [((16, 16), 7), ((16, 46), 12)])
+    assert np.all(distrust_clumps(few, _confident(2, 0.9), config)[1:] == np.float32(0.9))
+
+
+def test_round_zero_views_never_teach_a_clump_as_one_nucleus(nuclei_gt_dir):
+    """On a crowded real image the weak labelers leave touching nuclei unsplit; such objects
+    (more than twice the median area) are "ignore" in the views of every head that learns
+    from that labeler (heads 0 and 2 here, from the first labeler: the same ids)."""
+    from nuclei_app.train.data import load_training_images
+    from nuclei_app.train.pseudo_labels import CLUMP_AREA_RATIO, weak_pseudo_labels
+
+    config = TrainingConfig(heads=3)
+    image = nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_0ea221716cf1_img.tif"
+    images, _, _ = load_training_images([image], config)
+    weak_pseudo_labels(images, config)
+    item = images[0]
+    areas = np.bincount(item.labels.ravel())[1:]
+    clumps = np.flatnonzero(areas > CLUMP_AREA_RATIO * np.median(areas[areas > 0])) + 1
+    assert len(clumps) >= 3  # the labeler did merge some touching nuclei here
+    for view_labels, _, view_ignore in item.views[::2]:
+        taught = np.bincount(view_labels.ravel(), minlength=len(areas) + 1)[1:]
+        assert not np.isin(clumps, np.flatnonzero(taught) + 1).any()
+        assert view_ignore[np.isin(item.labels, clumps)].all()
+
+
+def test_the_score_cut_off_is_not_charged_for_splitting_an_untaught_clump(trained_model_dir, crop_image):
+    """Counting a clump the student was never taught as a missed nucleus (and its parts as
+    false ones) would push the cut-off up; with the clump untaught, the choice is made on the
+    nuclei the student did learn."""
+    from nuclei_app.model.checkpoint import load_model
+    from nuclei_app.train.data import load_training_images
+    from nuclei_app.train.pseudo_labels import weak_pseudo_labels
+    from nuclei_app.train.threshold import choose_score_threshold
+
+    model, _ = load_model(trained_model_dir)
+    config = TrainingConfig(heads=1)
+    images, _, _ = load_training_images([crop_image], config)
+    weak_pseudo_labels(images, config)
+    item = images[0]
+    # Glue every pair of touching pseudo-labels into one confident object: a teacher's merges.
+    merged = item.labels.copy()
+    right = (merged[:, :-1] > 0) & (merged[:, 1:] > 0) & (merged[:, :-1] != merged[:, 1:])
+    for a, b in zip(merged[:, :-1][right], merged[:, 1:][right]):
+        merged[merged == b] = a
+    assert len(np.unique(merged)) < len(np.unique(item.labels)) - 3
+    item.labels = merged
+    item.confidence = np.full(int(merged.max()) + 1, 0.9, np.float32)
+    areas = np.bincount(merged.ravel())
+    glued = np.flatnonzero(areas[1:] > 2 * np.median(areas[1:][areas[1:] > 0])) + 1
+    item.confidence[glued] = 0.1  # what distrust_clumps does
+    taught = choose_score_threshold(model, [item], min_confidence=config.min_teacher_confidence)
+    charged = choose_score_threshold(model, [item])
+    assert max(taught["f1_vs_pseudo_labels"]) > max(charged["f1_vs_pseudo_labels"])

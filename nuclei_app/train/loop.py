@@ -169,7 +169,8 @@ class _ModelFolderWriter:
 
     def write(self, model: MultiHeadMaskRCNN, output_dir: Path, rounds_report: list[dict], timed_out: bool,
               say: Callable[[str], None] = lambda line: None) -> TrainingResult:
-        threshold_choice = choose_score_threshold(model, self.images, self.device)
+        threshold_choice = choose_score_threshold(model, self.images, self.device,
+                                                  min_confidence=self.config.min_teacher_confidence)
         say(f"score threshold {threshold_choice['score_threshold']:.2f} "
             f"(F1 {max(threshold_choice['f1_vs_pseudo_labels']):.3f} against the pseudo-labels)")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # saved at once: no copy

@@ -34,7 +34,8 @@ def weak_pseudo_labels(images: list[TrainingImage], config: TrainingConfig) -> N
             identity = np.tile(np.array([0.0, 1.0], dtype=np.float32), (item.image.shape[0], 1))
             result = weak_labels(item.image, method=method, diameter=diameter, percentiles=identity)
             confidence = np.concatenate([[0.0], result.confidence]).astype(np.float32)
-            per_method[method] = (result.labels.astype(np.uint32), confidence, result.ignore.astype(bool))
+            labels = result.labels.astype(np.uint32)
+            per_method[method] = (labels, distrust_clumps(labels, confidence, config), result.ignore.astype(bool))
         if config.teacher_agreement and len(per_method) > 1:
             per_method = {method: cross_checked(view, [v for m, v in per_method.items() if m != method])
                           for method, view in per_method.items()}
@@ -44,6 +45,30 @@ def weak_pseudo_labels(images: list[TrainingImage], config: TrainingConfig) -> N
                             key=(0, image_index, k))
             for k in range(config.heads)
         ]
+
+
+#: A pseudo-label this many times the median object's area is probably nuclei the labeler did
+#: not split (two equal touching nuclei measure 2x): it is taught as "ignore", not as one nucleus.
+CLUMP_AREA_RATIO = 2.0
+
+
+def distrust_clumps(labels: np.ndarray, confidence: np.ndarray, config: TrainingConfig) -> np.ndarray:
+    """Confidence with probable clumps (unsplit touching nuclei) set below the teaching cut-off.
+
+    A teacher's merges are systematic, not random: a student taught them learns to merge.
+    Hidden as "ignore", a clump teaches neither one nucleus nor background, so the student
+    learns single nuclei from the rest and may split the clump itself (a correction).
+
+    labels : uint32 (H, W); confidence : float32 (n+1,) per label id. Returns a copy.
+    """
+    confidence = confidence.copy()
+    areas = np.bincount(labels.ravel(), minlength=len(confidence))[1:]
+    present = areas > 0
+    if present.sum() < 5:  # too few objects for a typical size
+        return confidence
+    clumps = np.flatnonzero(present & (areas > CLUMP_AREA_RATIO * np.median(areas[present]))) + 1
+    confidence[clumps] = np.minimum(confidence[clumps], 0.5 * config.min_teacher_confidence)
+    return confidence
 
 
 def human_pseudo_labels(images: list[TrainingImage], label_files: dict[str, Path], config: TrainingConfig) -> None:
@@ -353,6 +378,7 @@ def self_label(model, images: list[TrainingImage], config: TrainingConfig, devic
         labels, confidence, extra_ignore, stats = refine_pseudo_labels(
             item.labels, item.confidence, student, score, agreement, config
         )
+        confidence = distrust_clumps(labels, confidence, config)
         item.labels, item.confidence = labels, confidence
         item.ignore = (item.ignore & (labels == 0)) | extra_ignore
         item.views = [

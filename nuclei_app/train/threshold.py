@@ -51,13 +51,19 @@ def threshold_agreement(student: np.ndarray, student_score: np.ndarray, teacher:
 
 
 def choose_score_threshold(model: MultiHeadMaskRCNN, images: list[TrainingImage], device: str = "cpu",
-                           candidates: Sequence[float] = SCORE_THRESHOLD_CANDIDATES) -> dict:
+                           candidates: Sequence[float] = SCORE_THRESHOLD_CANDIDATES,
+                           min_confidence: float = 0.0) -> dict:
     """The consensus-score cut-off at which the student best reproduces its own pseudo-labels.
 
     No human labels are used: the student labels its training images once at the lowest
     cut-off, and each candidate is scored by F1 (IoU > 0.5) against the final pseudo-labels
     (`threshold_agreement`). A fixed 0.5 suits no data set in particular: on sparse, bright
     nuclei the heads are sure, on dim or crowded ones their scores run lower.
+
+    Pseudo-labels below ``min_confidence`` (the teaching cut-off,
+    ``TrainingConfig.min_teacher_confidence``: unsure objects and probable clumps, see
+    `nuclei_app.train.pseudo_labels.distrust_clumps`) were taught as "ignore", so they count
+    as ignore here too: a student that splits a clump is not charged for it.
 
     Returns
     -------
@@ -68,7 +74,11 @@ def choose_score_threshold(model: MultiHeadMaskRCNN, images: list[TrainingImage]
     for item in images:
         student, score, _ = predict_label_image(model, item.image, device=device, flips=("none",),
                                                 score_threshold=min(candidates))
-        tallies += threshold_agreement(student, score, item.labels, item.ignore, candidates)
+        # Pseudo-labels below the teaching cut-off were taught as "ignore": they judge nothing here.
+        untaught = item.confidence < min_confidence
+        untaught[0] = False
+        teacher = np.where(untaught[item.labels], 0, item.labels)
+        tallies += threshold_agreement(student, score, teacher, item.ignore | untaught[item.labels], candidates)
     true_positives, false_positives, false_negatives = tallies.T
     f1 = 2 * true_positives / np.maximum(2 * true_positives + false_positives + false_negatives, 1)
     if f1.max() < MIN_F1_TO_CHOOSE_THRESHOLD:
@@ -80,7 +90,8 @@ def choose_score_threshold(model: MultiHeadMaskRCNN, images: list[TrainingImage]
     else:
         best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # ties go to the stricter cut-off
         threshold = float(candidates[best])
-        method = "best F1 at IoU > 0.5 against the final pseudo-labels on the training images (ignore regions excluded)"
+        method = ("best F1 at IoU > 0.5 against the final pseudo-labels on the training images (ignore regions "
+                  "and untaught pseudo-labels excluded)")
     return {
         "score_threshold": threshold,
         "method": method,
