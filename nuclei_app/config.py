@@ -228,7 +228,7 @@ class QCThresholds:
     max_overlays: int = 12  # flagged tiles drawn as PNG overlays beside the report (0: none)
     teacher_tiles_min: int = 16  # the weak teacher (teacher agreement, seed recall) runs on at least this many tiles
     teacher_tiles_share: float = 0.1  # ... or this share of the analysed tiles, whichever is more (1: every tile)
-    teacher_sample_seed: int = 0  # seed of the stratified tile sample (`nuclei_app.qc.sampling`)
+    teacher_sample_seed: int = 0  # seed of QC's random samples: the teacher's tiles (`nuclei_app.qc.sampling`), noise crops
     signal_autocorrelation_warn: float = 0.5
     signal_autocorrelation_fail: float = 0.2
     foreground_coverage_warn: float = 0.7

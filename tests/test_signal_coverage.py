@@ -157,6 +157,31 @@ def test_slide_qc_reports_the_exact_coverage_and_counts_each_clump_once(tmp_path
     assert half["signal_coverage"] < slide["signal_coverage"] - 0.1
 
 
+def test_the_qc_seed_draws_the_noise_crops(tmp_path):
+    """One seed for the QC's random samples (``teacher_sample_seed`` of its config): on a slide
+    whose crops differ, another seed gives another, reproducible noise threshold."""
+    import tifffile
+
+    from nuclei_app.config import QCThresholds
+    from nuclei_app.qc.slide import write_qc_report
+    from nuclei_app.seeding import seed_sequence
+
+    rng = np.random.default_rng(1)
+    image = np.concatenate([rng.gamma(2, 10, (400, 300)),
+                            rng.gamma(2, 10, (400, 300)) + rng.choice([0, 80], (400, 300), p=[0.7, 0.3])], 1)
+    tifffile.imwrite(tmp_path / "slide.tif", image.astype(np.float32))
+    tifffile.imwrite(tmp_path / "labels.tif", np.zeros(image.shape, np.uint32))
+    found = {}
+    for seed in (0, 5):
+        report = write_qc_report(tmp_path / "labels.tif", tmp_path / "slide.tif", tmp_path / f"qc{seed}.json",
+                                 thresholds=QCThresholds(teacher_sample_seed=seed)).report
+        found[seed] = report["slide"]["noise_threshold"][0]
+        assert found[seed] == pytest.approx(
+            noise_threshold(image.astype(np.float32), seed=seed_sequence(seed, "qc_noise_crops")), abs=1e-4)
+        assert report["provenance"]["parameters"]["seed_paper"]["seed"] == seed
+    assert found[0] != pytest.approx(found[5], abs=0.1)
+
+
 def test_noise_thresholds_of_a_slide_come_from_its_seeded_crops(tmp_path):
     """The slide's threshold is the pure function's on the same crops (the ``qc_noise_crops`` stream)."""
     import tifffile

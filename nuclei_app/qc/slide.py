@@ -515,7 +515,7 @@ def _slide_diameter(slide: Any, channels: list[int], percentiles: np.ndarray, ov
 
 
 def slide_reference(
-    slide: Any, channels: list[int], thresholds: QCThresholds, run_record: dict | None, seed: int = 0
+    slide: Any, channels: list[int], thresholds: QCThresholds, run_record: dict | None
 ) -> SlideReference:
     """Normalisation, foreground thresholds, nucleus size and seam lines of a slide.
 
@@ -526,9 +526,7 @@ def slide_reference(
         Nuclear channels.
     thresholds : QCThresholds
     run_record : dict or None
-        The segmentation's completion record (seam lines).
-    seed : int
-        Seed of the noise-threshold crops (`slide_noise_thresholds`).
+        The segmentation's completion record (seam lines, nucleus size).
 
     Returns
     -------
@@ -554,7 +552,8 @@ def slide_reference(
         seams=seams,
         seam_source=seam_source,
         seam_stride=seam_stride,
-        noise_thresholds=slide_noise_thresholds(slide, channels, seed),
+        # One QC seed for every random sample (teacher tiles, noise crops): same seed, same report.
+        noise_thresholds=slide_noise_thresholds(slide, channels, thresholds.teacher_sample_seed),
     )
 
 
@@ -1662,7 +1661,6 @@ def compute_qc(
     overlay_prefix: str = "overlays",
     device: str = "cpu",
     score_threshold: float | None = None,
-    seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """QC of a segmentation of one slide, without ground truth.
 
@@ -1687,8 +1685,6 @@ def compute_qc(
         The model's score cut-off the labels were made with (default: its card's).
     device : str
         Device for the model (``cpu``, ``cuda``, ``auto``).
-    seed : int
-        Seed of the random crops of the noise thresholds (same seed, same report).
 
     Returns
     -------
@@ -1710,7 +1706,7 @@ def compute_qc(
         _check_same_shape(slide, inputs)
         predictor, channels = _open_model_and_channels(slide, inputs, model_dir, device, score_threshold,
                                                        nuclear_channels)
-        reference = slide_reference(slide, channels, thresholds, inputs.run_record, seed)
+        reference = slide_reference(slide, channels, thresholds, inputs.run_record)
         watch.seconds["prepare"] = time.monotonic() - watch.started
         boxes = qc_tile_boxes(reference.shape, thresholds.tile_size_px)
         accumulators = SlideAccumulators.for_slide(reference)
@@ -1736,7 +1732,7 @@ def compute_qc(
         provenance = qc_provenance(
             inputs, model_provenance(predictor, model_dir, inputs.run_record), inputs.run_record,
             qc_parameters(reference, thresholds, scores_from, morphology_reference,
-                          [t["index"] for t in tiles if t["teacher_sampled"]]) | seed_paper_parameters(seed),
+                          [t["index"] for t in tiles if t["teacher_sampled"]]) | seed_paper_parameters(thresholds.teacher_sample_seed),
         )
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -1814,7 +1810,6 @@ def write_qc_report(
     nuclear_channels: str | Sequence[str] | None = None,
     device: str = "cpu",
     score_threshold: float | None = None,
-    seed: int = 0,
 ) -> QCResult:
     """Compute the QC of a segmentation and write the schema-valid JSON (+ overlay PNGs).
 
@@ -1840,8 +1835,6 @@ def write_qc_report(
     device : str
     score_threshold : float, optional
         The model's score cut-off the labels were made with (default: its card's).
-    seed : int
-        Seed of the noise-threshold crops.
 
     Returns
     -------
@@ -1863,7 +1856,7 @@ def write_qc_report(
     report, overlays = compute_qc(
         labels_path, image_path, model_dir=model_dir, thresholds=thresholds, table_path=table_path,
         nuclear_channels=nuclear_channels, overlay_prefix=overlay_dir.name, device=device,
-        score_threshold=score_threshold, seed=seed,
+        score_threshold=score_threshold,
     )
     validate_qc_report(report)
     written_dir = None
