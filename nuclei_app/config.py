@@ -157,8 +157,8 @@ class TrainingConfig:
 
     preset: str = "tiny"
     heads: int = 3
-    rounds: int = 2
-    max_minutes: float = 12.0
+    rounds: int = 4  # each round corrects more of the teacher (dsb2018: 0.757 F1 after 2 rounds, 0.766 after 4)
+    max_minutes: float = 15.0
     steps_per_round: int | None = None  # None: the preset's default, shortened to fit max_minutes
     # Train until each round's share of max_minutes is spent, the learning-rate schedule fitted to the
     # steps the measured speed allows (more steps on a fast machine: not bit-reproducible across machines).
