@@ -1732,7 +1732,8 @@ def compute_qc(
         provenance = qc_provenance(
             inputs, model_provenance(predictor, model_dir, inputs.run_record), inputs.run_record,
             qc_parameters(reference, thresholds, scores_from, morphology_reference,
-                          [t["index"] for t in tiles if t["teacher_sampled"]]) | seed_paper_parameters(thresholds.teacher_sample_seed),
+                          [t["index"] for t in tiles if t["teacher_sampled"]])
+            | seed_paper_parameters(thresholds.teacher_sample_seed),
         )
     report = {
         "schema_version": SCHEMA_VERSION,

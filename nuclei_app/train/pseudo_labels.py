@@ -71,6 +71,17 @@ def distrust_clumps(labels: np.ndarray, confidence: np.ndarray, config: Training
     return confidence
 
 
+def untaught(confidence: np.ndarray, min_confidence: float) -> np.ndarray:
+    """Which label ids are taught as "ignore" rather than as nuclei: confidence below the cut-off.
+
+    confidence : float32 (n+1,) per label id (index 0, background, is never untaught).
+    Returns bool (n+1,). The one rule for the heads' views and for the score cut-off's choice.
+    """
+    hidden = confidence < min_confidence
+    hidden[0] = False
+    return hidden
+
+
 def human_pseudo_labels(images: list[TrainingImage], label_files: dict[str, Path], config: TrainingConfig) -> None:
     """Supervised variant of round 0: every head learns from human masks (upper bounds in benchmarks).
 
@@ -141,15 +152,13 @@ def _bootstrap_view(labels, confidence, ignore, config: TrainingConfig, key: tup
     """
     rng = generator(config.seed, "pseudo_label_views", *key)
     n = len(confidence) - 1
-    hidden = np.zeros(n + 1, dtype=bool)
-    hidden[1:] = confidence[1:] < config.min_teacher_confidence
+    hidden = untaught(confidence, config.min_teacher_confidence)
     if config.heads > 1 and config.bootstrap_ignore_fraction > 0 and n:
         hidden[1:] |= rng.random(n) < config.bootstrap_ignore_fraction
     if not config.use_ignore:
         # Ablation: hidden objects become background instead of "ignore".
         return np.where(hidden[labels], 0, labels).astype(np.uint32), confidence, np.zeros_like(ignore)
-    view_ignore = (ignore | hidden[labels]) if config.use_ignore else np.zeros_like(ignore)
-    return np.where(hidden[labels], 0, labels).astype(np.uint32), confidence, view_ignore
+    return np.where(hidden[labels], 0, labels).astype(np.uint32), confidence, ignore | hidden[labels]
 
 
 # ----------------------------------------------------------------------------- prediction on training images

@@ -6,7 +6,7 @@ import numpy as np
 from nuclei_app.model.mask_rcnn import MultiHeadMaskRCNN
 from nuclei_app.model.checkpoint import DEFAULT_SCORE_THRESHOLD
 from nuclei_app.train.data import TrainingImage
-from nuclei_app.train.pseudo_labels import predict_label_image
+from nuclei_app.train.pseudo_labels import predict_label_image, untaught
 from nuclei_app.core.metrics import iou_matrix
 
 
@@ -75,10 +75,9 @@ def choose_score_threshold(model: MultiHeadMaskRCNN, images: list[TrainingImage]
         student, score, _ = predict_label_image(model, item.image, device=device, flips=("none",),
                                                 score_threshold=min(candidates))
         # Pseudo-labels below the teaching cut-off were taught as "ignore": they judge nothing here.
-        untaught = item.confidence < min_confidence
-        untaught[0] = False
-        teacher = np.where(untaught[item.labels], 0, item.labels)
-        tallies += threshold_agreement(student, score, teacher, item.ignore | untaught[item.labels], candidates)
+        hidden = untaught(item.confidence, min_confidence)[item.labels]
+        teacher = np.where(hidden, 0, item.labels)
+        tallies += threshold_agreement(student, score, teacher, item.ignore | hidden, candidates)
     true_positives, false_positives, false_negatives = tallies.T
     f1 = 2 * true_positives / np.maximum(2 * true_positives + false_positives + false_negatives, 1)
     if f1.max() < MIN_F1_TO_CHOOSE_THRESHOLD:
