@@ -167,6 +167,21 @@ def test_scores_invariant_to_label_permutation_and_symmetric(nuclei_gt_dir):
     assert 0.2 < base["f1_50"] < 0.95  # the shift and the cut make a real, imperfect case
 
 
+def test_scores_are_the_same_whatever_the_ids_however_large(nuclei_gt_dir):
+    # Ids are counted through a lookup table when they are dense and sorted when they are
+    # huge and sparse (a table would not fit): both ways must give the same scores.
+    gt = tifffile.imread(nuclei_gt_dir / "kromp2020-nontissue" / "kromp_bmcyto_7_masks.tif").astype(np.int64)
+    pred = np.roll(gt, (3, -2), axis=(0, 1))
+    pred[pred % 5 == 0] = 0
+    base = score_instances(pred, gt)
+    for offset in (7, 2**40):  # a few gaps; ids far above the pixel count
+        shifted = np.where(pred > 0, pred * 3 + offset, 0)
+        again = score_instances(shifted, np.where(gt > 0, gt + offset, 0))
+        assert {name: again[name] for name in base} == base
+    iou, pred_ids, gt_ids = iou_matrix(np.where(pred > 0, pred + 2**40, 0), gt)
+    assert pred_ids.min() > 2**40 and np.array_equal(iou, iou_matrix(pred, gt)[0])
+
+
 def test_pooled_sums_counts_over_images():
     gt = two_squares()
     perfect = (gt, gt)

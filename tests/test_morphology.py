@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from skimage.draw import disk, ellipse
 from skimage.measure import regionprops
+from skimage.segmentation import relabel_sequential
+import tifffile
 
 from nuclei_app.core.instances import Instances
-from nuclei_app.core.morphology import object_properties, shape_descriptors
+from nuclei_app.core.morphology import label_solidities, object_properties, shape_descriptors
 from nuclei_app.core.stitching import SlideStitcher, paint_region, tile_candidates
 from nuclei_app.io.tables import NucleiTableWriter, read_nuclei_table
 
@@ -75,6 +77,14 @@ def test_shape_descriptors_are_scikit_image_regionprops():
         assert eccentricity == pytest.approx(region.eccentricity, abs=1e-12)
         # Padding around the crop does not change them.
         assert shape_descriptors(np.pad(region.image, 3)) == pytest.approx((solidity, eccentricity), abs=1e-12)
+
+
+def test_label_solidities_are_regionprops_solidity_of_every_object(nuclei_gt_dir):
+    labels = tifffile.imread(nuclei_gt_dir / "dsb2018-stage1-fixed" / "dsb_f6863b83d75e_masks.tif")
+    labels, _, _ = relabel_sequential(labels.astype(np.int64))
+    expected = [region.solidity for region in regionprops(labels)]
+    assert label_solidities(labels) == pytest.approx(expected, abs=1e-12)
+    assert label_solidities(np.zeros((3, 3), np.int64)).shape == (0,)
 
 
 def test_shape_descriptors_of_edge_cases():

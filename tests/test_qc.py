@@ -80,6 +80,10 @@ def test_seed_points_lie_inside_their_objects_and_recall_counts_them():
     assert tuple(seeds[0]) == (16, 16)
     assert seed_recall(seeds, labels == 1) == pytest.approx(0.5)
     assert seed_recall(np.zeros((0, 2), int), labels > 0) is None
+    # Ids need not be consecutive; a one-pixel-wide object (no interior) keeps its first pixel.
+    labels[60, 2:9] = 70
+    sparse = seed_points(labels)
+    assert np.array_equal(sparse[:2], seeds) and tuple(sparse[2]) == (60, 2)
 
 
 def test_straight_cut_ids_finds_nuclei_cut_at_a_line_but_not_round_ones():

@@ -95,12 +95,24 @@ class _Overlaps:
         return self.intersections / self.unions
 
 
+def _dense_ids(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(flat, return_inverse=True)`` for non-negative ids, by counting instead of
+    sorting when the largest id is not far above the pixel count (label images almost always)."""
+    top = int(flat.max()) if flat.size else 0
+    if top > 4 * flat.size + 65536:  # sparse huge ids: a lookup table would be too big
+        return np.unique(flat, return_inverse=True)
+    ids = np.flatnonzero(np.bincount(flat, minlength=1))
+    lookup = np.zeros(top + 1, dtype=np.int64)
+    lookup[ids] = np.arange(ids.size)
+    return ids, lookup[flat]
+
+
 def _overlaps(pred: np.ndarray, gt: np.ndarray) -> _Overlaps:
     """All overlapping (pred, gt) pairs in one pass over the pixels (bincount, no per-object loop)."""
     pred_flat = pred.ravel()
     gt_flat = gt.ravel()
-    pred_ids, pred_index = np.unique(pred_flat, return_inverse=True)
-    gt_ids, gt_index = np.unique(gt_flat, return_inverse=True)
+    pred_ids, pred_index = _dense_ids(pred_flat)
+    gt_ids, gt_index = _dense_ids(gt_flat)
     # Index 0 is background only when 0 occurs; shift so that objects are 0..n-1.
     pred_offset = 1 if pred_ids.size and pred_ids[0] == 0 else 0
     gt_offset = 1 if gt_ids.size and gt_ids[0] == 0 else 0
@@ -109,7 +121,12 @@ def _overlaps(pred: np.ndarray, gt: np.ndarray) -> _Overlaps:
     gt_areas_all = np.bincount(gt_index, minlength=n_gt_all)
     both = (pred_index >= pred_offset) & (gt_index >= gt_offset)
     pair_code = pred_index[both].astype(np.int64) * n_gt_all + gt_index[both]
-    codes, counts = np.unique(pair_code, return_counts=True)
+    if n_pred_all * n_gt_all <= 4 * pair_code.size + 65536:
+        counts = np.bincount(pair_code, minlength=1)
+        codes = np.flatnonzero(counts)
+        counts = counts[codes]
+    else:
+        codes, counts = np.unique(pair_code, return_counts=True)
     return _Overlaps(
         pred_ids=pred_ids[pred_offset:],
         gt_ids=gt_ids[gt_offset:],

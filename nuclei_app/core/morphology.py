@@ -11,6 +11,7 @@ import math
 import warnings
 
 import numpy as np
+from scipy import ndimage as ndi
 from skimage.measure import regionprops_table
 from skimage.morphology import convex_hull_image
 
@@ -39,9 +40,6 @@ def shape_descriptors(mask: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
     # regionprops' own definitions, computed directly: building a RegionProperties object per
     # nucleus cost 3x as much (it ran for every candidate of every tile).
-    with warnings.catch_warnings():  # one-pixel-wide objects: scikit-image may warn about the hull
-        warnings.simplefilter("ignore")
-        hull = convex_hull_image(mask, offset_coordinates=True)
     ys, xs = np.nonzero(mask)
     ys = ys - ys.mean()
     xs = xs - xs.mean()
@@ -49,7 +47,34 @@ def shape_descriptors(mask: np.ndarray) -> tuple[float, float]:
     spread = math.sqrt(((var_y - var_x) / 2) ** 2 + cov * cov)
     major, minor = (var_y + var_x) / 2 + spread, max((var_y + var_x) / 2 - spread, 0.0)
     eccentricity = math.sqrt(1.0 - minor / major) if major > 0 else 0.0
-    return float(ys.size / max(int(hull.sum()), 1)), eccentricity
+    return solidity(mask), eccentricity
+
+
+def solidity(mask: np.ndarray) -> float:
+    """Pixel count of a non-empty mask (H, W, bool) over that of its convex hull image (see
+    `shape_descriptors`); in (0, 1]."""
+    with warnings.catch_warnings():  # one-pixel-wide objects: scikit-image may warn about the hull
+        warnings.simplefilter("ignore")
+        hull = convex_hull_image(mask, offset_coordinates=True)
+    return float(np.count_nonzero(mask) / max(int(hull.sum()), 1))
+
+
+def label_solidities(labels: np.ndarray) -> np.ndarray:
+    """`solidity` of every object of a label image with consecutive ids 1..n.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (H, W)
+        Ids 1..n, each present; 0 = background.
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        Entry ``i`` belongs to id ``i + 1``.
+    """
+    labels = np.asarray(labels)
+    boxes = ndi.find_objects(labels.astype(np.int64, copy=False))
+    return np.asarray([solidity(labels[box] == index + 1) for index, box in enumerate(boxes)], dtype=np.float64)
 
 
 def object_properties(labels: np.ndarray, shapes: bool = True) -> dict[str, np.ndarray]:

@@ -29,11 +29,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
-from skimage.measure import regionprops
 from skimage.segmentation import relabel_sequential, watershed
 from skimage.transform import downscale_local_mean, resize
 from nuclei_app.core.instances import Instances
 from nuclei_app.core.intensity import nuclear_composite
+from nuclei_app.core.morphology import label_solidities
 
 
 METHODS = ("log", "otsu")
@@ -337,8 +337,7 @@ def _confidence(labels: np.ndarray, prepared: _Prepared) -> np.ndarray:
     ring_count = np.bincount(ring.ravel(), minlength=n + 1)[1:]
     outside = np.divide(ring_sum, ring_count, out=np.zeros(n), where=ring_count > 0)
     contrast = np.clip((inside - outside) / (2.0 * max(prepared.threshold, 1e-6)), 0.0, 1.0)
-    solidity = np.array([region.solidity for region in regionprops(labels)])
-    solidity_score = np.clip((solidity - 0.75) / 0.2, 0.0, 1.0)
+    solidity_score = np.clip((label_solidities(labels) - 0.75) / 0.2, 0.0, 1.0)
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     ratio = areas / (np.pi * diameter**2 / 4.0)
     size_score = np.exp(-(np.log(np.maximum(ratio, 1e-6)) ** 2) / (2 * 0.8**2))

@@ -123,23 +123,18 @@ def seed_points(labels: np.ndarray) -> np.ndarray:
         (row, col) per object, in increasing id order.
     """
     labels = np.asarray(labels)
-    ids = np.unique(labels)
-    ids = ids[ids != 0]
-    if ids.size == 0:
+    if not labels.any():
         return np.zeros((0, 2), dtype=np.int64)
     interior = (labels != 0) & ~find_boundaries(labels, mode="inner")
     distance = ndi.distance_transform_edt(interior)
-    points = np.zeros((ids.size, 2), dtype=np.int64)
-    # Objects thinner than two pixels have no interior: any of their pixels will do (the +1).
-    slices = ndi.find_objects(labels.astype(np.int64, copy=False))
-    for row, object_id in enumerate(ids):
-        window = slices[int(object_id) - 1]
-        inside = labels[window] == object_id
-        score = np.where(inside, distance[window] + 1.0, 0.0)
-        flat_index = int(np.argmax(score))
-        y, x = np.unravel_index(flat_index, inside.shape)
-        points[row] = (window[0].start + y, window[1].start + x)
-    return points
+    # Per object, its pixel farthest from the outline; ties go to the first in row-major order.
+    # Objects thinner than two pixels have no interior (distance 0 everywhere): their first pixel.
+    pixels = np.flatnonzero(labels)
+    owner = labels.ravel()[pixels]
+    order = np.lexsort((pixels, -distance.ravel()[pixels], owner))  # by id, then farthest, then first
+    first = np.flatnonzero(np.r_[True, owner[order][1:] != owner[order][:-1]])
+    rows, cols = np.unravel_index(pixels[order[first]], labels.shape)
+    return np.stack([rows, cols], axis=1).astype(np.int64)
 
 
 def seed_recall(seeds: np.ndarray, nuclei: np.ndarray) -> float | None:
